@@ -1,0 +1,147 @@
+"""Size-dependent tables of a stage: pool sizes and position-bias coordinates.
+
+Everything here depends only on integers (map size, pool size, pretrain grid)
+and a device, so results are cached per key and shared by every block of a
+stage. Under ``torch.compile`` the cache is bypassed and the tables are built
+in the graph (they constant-fold).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+POS_BIAS_MODES = ("extrapolate", "interpolate")
+
+_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
+_CACHE_LIMIT = 64
+
+
+def stage_size(size: int, stage: int) -> int:
+    """Feature-map side at stage (0-based) for an input side: ceil(S/4), then ceil-halved."""
+    s = -(-size // 4)
+    for _ in range(stage):
+        s = -(-s // 2)
+    return s
+
+
+def pool_size(H: int, W: int, sr_ratio: int, fixed: int | None) -> tuple[int, int]:
+    """Pooled-token grid: H // sr x W // sr (never below 1), or fixed x fixed in linear mode."""
+    if fixed is not None:
+        return fixed, fixed
+    return max(H // sr_ratio, 1), max(W // sr_ratio, 1)
+
+
+def _log_spaced(t: Tensor) -> Tensor:
+    return torch.sign(t) * torch.log2(t.abs() + 1.0) / math.log2(8)
+
+
+def _axis_offsets(q_len: int, k_len: int, pretrain_len: int, device) -> Tensor:
+    """(q_len, k_len) normalised offsets along one axis, before the log spacing.
+
+    Query coordinates are 0..q_len-1; key coordinates are the centres of the
+    adaptive pooling bins. A pretrain grid of one cell (or less) has no
+    spacing to normalise by: offsets are then taken in cells (divisor 1)
+    instead of dividing by zero as the original code does.
+    """
+    q = torch.arange(q_len, dtype=torch.float32, device=device)
+    k = F.adaptive_avg_pool1d(q[None, None], k_len)[0, 0]
+    divisor = float(max(pretrain_len - 1, 1))
+    return (q[:, None] - k[None, :]) / divisor * 8
+
+
+def _build_bias_coords(q_hw, k_hw, pretrain_hw, device) -> tuple[Tensor, Tensor]:
+    dh = _axis_offsets(q_hw[0], k_hw[0], pretrain_hw[0], device)
+    dw = _axis_offsets(q_hw[1], k_hw[1], pretrain_hw[1], device)
+    uh, inv_h = torch.unique(dh, return_inverse=True)  # (Uh,), (Hq, Hk)
+    uw, inv_w = torch.unique(dw, return_inverse=True)  # (Uw,), (Wq, Wk)
+    table = torch.stack(torch.meshgrid(uh, uw, indexing="ij"), dim=-1).reshape(-1, 2)
+    table = _log_spaced(table)
+    # index[(qh, qw), (kh, kw)] = inv_h[qh, kh] * Uw + inv_w[qw, kw]
+    index = inv_h[:, None, :, None] * uw.numel() + inv_w[None, :, None, :]
+    index = index.reshape(q_hw[0] * q_hw[1], k_hw[0] * k_hw[1])
+    return table, index
+
+
+def bias_coords(q_hw, k_hw, pretrain_hw, device) -> tuple[Tensor, Tensor]:
+    """Distinct log-spaced (dh, dw) pairs (U, 2) and the (Nq, Nk) index into them."""
+    if torch.compiler.is_compiling():
+        return _build_bias_coords(q_hw, k_hw, pretrain_hw, device)
+    key = (tuple(q_hw), tuple(k_hw), tuple(pretrain_hw), str(device))
+    hit = _CACHE.get(key)
+    if hit is None:
+        if len(_CACHE) >= _CACHE_LIMIT:
+            _CACHE.pop(next(iter(_CACHE)))
+        hit = _CACHE[key] = _build_bias_coords(q_hw, k_hw, pretrain_hw, device)
+    return hit
+
+
+@dataclass(frozen=True)
+class StageGeometry:
+    """What every block of a stage needs to know about the current map size."""
+
+    H: int
+    W: int
+    pool_hw: tuple[int, int]  # key grid; (H, W) itself for full attention
+    bias_q_hw: tuple[int, int]  # grid the bias MLP is evaluated on
+    bias_k_hw: tuple[int, int]
+    pretrain_hw: tuple[int, int]
+    interpolate: bool  # resize the bias from bias_*_hw to the actual grids
+
+    @property
+    def num_pool(self) -> int:
+        return self.pool_hw[0] * self.pool_hw[1]
+
+    def coords(self, device) -> tuple[Tensor, Tensor]:
+        return bias_coords(self.bias_q_hw, self.bias_k_hw, self.pretrain_hw, device)
+
+
+def stage_geometry(
+    H: int,
+    W: int,
+    stage: int,
+    sr_ratio: int,
+    pretrain_size: int,
+    fixed_pool_size: int | None = None,
+    pos_bias: str = "extrapolate",
+    img_size: int | None = None,
+) -> StageGeometry:
+    """Tables for stage ``stage`` (0-based) at a (H, W) map.
+
+    ``sr_ratio == 1`` means full attention: keys are the queries' own grid.
+    """
+    stride = 4 * 2**stage
+    pretrain = max(pretrain_size // stride, 1)
+    if sr_ratio == 1:
+        pool = (H, W)
+    else:
+        pool = pool_size(H, W, sr_ratio, fixed_pool_size)
+    if pos_bias == "interpolate":
+        if img_size is None:
+            raise ValueError("pos_bias='interpolate' needs img_size")
+        s = stage_size(img_size, stage)
+        ref_q = (s, s)
+        ref_k = ref_q if sr_ratio == 1 else pool_size(s, s, sr_ratio, fixed_pool_size)
+        interp = (ref_q, ref_k) != ((H, W), pool)
+    else:
+        ref_q, ref_k, interp = (H, W), pool, False
+    return StageGeometry(H, W, pool, ref_q, ref_k, (pretrain, pretrain), interp)
+
+
+def resize_bias(bias: Tensor, geo: StageGeometry) -> Tensor:
+    """Interpolate mode: (h, Nq0, Nk0) at the reference grids -> (h, Nq, Nk) at the
+    actual grids, bilinear (align_corners=False), key grid first, then query grid."""
+    h = bias.shape[0]
+    (hq0, wq0), (hk0, wk0) = geo.bias_q_hw, geo.bias_k_hw
+    hq, wq = geo.H, geo.W
+    hk, wk = geo.pool_hw
+    b = bias.reshape(1, h * hq0 * wq0, hk0, wk0)
+    if (hk0, wk0) != (hk, wk):
+        b = F.interpolate(b, size=(hk, wk), mode="bilinear", align_corners=False)
+    b = b.reshape(h, hq0 * wq0, hk * wk).transpose(1, 2).reshape(1, h * hk * wk, hq0, wq0)
+    if (hq0, wq0) != (hq, wq):
+        b = F.interpolate(b, size=(hq, wq), mode="bilinear", align_corners=False)
+    return b.reshape(h, hk * wk, hq * wq).transpose(1, 2)

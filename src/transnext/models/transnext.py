@@ -1,0 +1,523 @@
+"""TransNeXt: aggregated attention + convolutional GLU (Dai Shi, CVPR 2024).
+
+One implementation for classification and dense tasks, at any input size.
+Module and parameter names follow the published checkpoints exactly
+(``patch_embed{i}``, ``block{i}.{j}``, ``norm{i}``, ``head``), so released
+weights load without renaming. Behaviour: ``shared/SPEC.md``.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ..ops import aggregated_attention, full_attention
+from .archs import ARCHS, PRETRAIN_SIZE
+from .checkpoint import checkpoint_filter_fn
+from .geometry import POS_BIAS_MODES, StageGeometry, resize_bias, stage_geometry
+
+__all__ = ["TransNeXt", "ARCHS"]
+
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def _tokens_to_map(x: Tensor, H: int, W: int) -> Tensor:
+    """(B, N, C) -> (B, C, H, W) as a channels_last view (no copy)."""
+    return x.reshape(x.shape[0], H, W, x.shape[-1]).permute(0, 3, 1, 2)
+
+
+def _map_to_tokens(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, N, C); free when x is channels_last."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
+class OverlapPatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, stride: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride, padding=patch_size // 2)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-5)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, int, int]:
+        x = self.proj(x)
+        H, W = x.shape[-2:]
+        return self.norm(_map_to_tokens(x)), H, W
+
+
+class DWConv(nn.Module):
+    """Depthwise 3x3 conv over the token map (checkpoints name it ``dwconv.dwconv``)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        return _map_to_tokens(self.dwconv(_tokens_to_map(x, H, W)))
+
+
+class ConvolutionalGLU(nn.Module):
+    """SPEC section 6: fc1 -> (gate, value); fc2(gelu(dwconv(gate)) * value)."""
+
+    def __init__(self, dim: int, mlp_ratio: float, drop: float = 0.0):
+        super().__init__()
+        hidden = int(2 * int(dim * mlp_ratio) / 3)
+        self.fc1 = nn.Linear(dim, hidden * 2)
+        self.dwconv = DWConv(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        x = self.drop(self.act(self.dwconv(gate, H, W)) * value)
+        return self.drop(self.fc2(x))
+
+
+class _PositionBias(nn.Module):
+    """Shared by both attention kinds: cpb MLP (SPEC section 5), evaluated on the
+    distinct coordinate pairs and gathered; cached when no gradient is needed."""
+
+    def _init_position_bias(self, num_heads: int) -> None:
+        self.cpb_fc1 = nn.Linear(2, 512, bias=True)
+        self.cpb_act = nn.ReLU(inplace=True)
+        self.cpb_fc2 = nn.Linear(512, num_heads, bias=True)
+        self._bias_cache: dict = {}
+
+    def _compute_bias(self, geo: StageGeometry, device) -> Tensor:
+        table, index = geo.coords(device)
+        # fp32 regardless of autocast: the bias is small, shared and cacheable.
+        with torch.autocast(device_type=device.type, enabled=False):
+            w1, w2 = self.cpb_fc1.weight.float(), self.cpb_fc2.weight.float()
+            b1, b2 = self.cpb_fc1.bias.float(), self.cpb_fc2.bias.float()
+            per_pair = F.linear(F.relu(F.linear(table, w1, b1)), w2, b2)  # (U, h)
+            bias = per_pair.t()[:, index]  # (h, Nq0, Nk0)
+            if geo.interpolate:
+                bias = resize_bias(bias, geo)
+        return bias
+
+    def position_bias(self, geo: StageGeometry, device) -> Tensor:
+        params = (self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias)
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if needs_grad or torch.compiler.is_compiling():
+            return self._compute_bias(geo, device)
+        key = (geo, str(device), tuple((p.data_ptr(), p._version) for p in params))
+        bias = self._bias_cache.get(key)
+        if bias is None:
+            if len(self._bias_cache) >= 4:
+                self._bias_cache.clear()
+            bias = self._bias_cache[key] = self._compute_bias(geo, device)
+        return bias
+
+
+def _query_params(num_heads: int, head_dim: int) -> tuple[nn.Parameter, nn.Parameter]:
+    # softplus(temperature) = 1 / 0.24 at initialisation.
+    temperature = nn.Parameter(torch.full((num_heads, 1, 1), math.log(math.expm1(1 / 0.24))))
+    query_embedding = nn.Parameter(trunc_normal_(torch.empty(num_heads, 1, head_dim), std=0.02))
+    return temperature, query_embedding
+
+
+class AggregatedAttention(_PositionBias):
+    """SPEC section 3: a w x w neighbourhood plus pooled tokens, one softmax."""
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, window_size: int = 3,
+                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if window_size % 2 != 1:
+            raise ValueError(f"window_size must be odd, got {window_size}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.sr_ratio = sr_ratio
+        self.window_size = window_size
+        self.attn_drop = attn_drop
+        ww = window_size * window_size
+
+        self.temperature, self.query_embedding = _query_params(num_heads, self.head_dim)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.sr = nn.Conv2d(dim, dim, kernel_size=1, stride=1)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.act = nn.GELU()
+        self._init_position_bias(num_heads)
+        self.relative_pos_bias_local = nn.Parameter(
+            trunc_normal_(torch.empty(num_heads, ww), std=0.0004))
+        self.learnable_tokens = nn.Parameter(
+            trunc_normal_(torch.empty(num_heads, self.head_dim, ww), std=0.02))
+        self.learnable_bias = nn.Parameter(torch.zeros(num_heads, 1, ww))
+
+    def forward(self, x: Tensor, H: int, W: int, geo: StageGeometry) -> Tensor:
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = self.q(x).reshape(B, N, h, d)
+        k, v = self.kv(x).reshape(B, N, 2, h, d).unbind(2)
+
+        pooled = F.adaptive_avg_pool2d(self.act(self.sr(_tokens_to_map(x, H, W))), geo.pool_hw)
+        pooled = self.norm(_map_to_tokens(pooled))
+        k_pool, v_pool = self.kv(pooled).reshape(B, geo.num_pool, 2, h, d).unbind(2)
+
+        out = aggregated_attention(
+            q, k, v, k_pool, v_pool, self.position_bias(geo, x.device),
+            self.query_embedding, self.temperature, self.relative_pos_bias_local,
+            self.learnable_tokens, self.learnable_bias, H, W, self.window_size,
+            attn_drop=self.attn_drop, training=self.training,
+        )
+        return self.proj_drop(self.proj(out.reshape(B, N, C)))
+
+
+class Attention(_PositionBias):
+    """SPEC section 4: full length-scaled cosine attention (the last stage)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_drop = attn_drop
+        self.temperature, self.query_embedding = _query_params(num_heads, self.head_dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._init_position_bias(num_heads)
+
+    def forward(self, x: Tensor, H: int, W: int, geo: StageGeometry) -> Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
+        out = full_attention(
+            q, k, v, self.position_bias(geo, x.device), self.query_embedding,
+            self.temperature, attn_drop=self.attn_drop, training=self.training,
+        )
+        return self.proj_drop(self.proj(out.reshape(B, N, C)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int,
+                 window_size: int = 3, qkv_bias: bool = True, proj_drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if sr_ratio == 1:
+            self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        else:
+            self.attn = AggregatedAttention(
+                dim, num_heads, sr_ratio, window_size, qkv_bias, attn_drop, proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = ConvolutionalGLU(dim, mlp_ratio, proj_drop)
+
+    def forward(self, x: Tensor, H: int, W: int, geo: StageGeometry) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W, geo))
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+
+
+class TransNeXt(nn.Module):
+    """The TransNeXt family. Any input size works with one instance.
+
+    Args:
+        pretrain_size: image size the weights were trained at; fixes the
+            position-bias coordinate normalisation (SPEC section 5).
+        pos_bias: 'extrapolate' (bias built for the actual size) or
+            'interpolate' (built at ``img_size``, resized bilinearly).
+        img_size: size the bias is built at in interpolate mode.
+        fixed_pool_size: None, or an int for linear inference mode (every
+            aggregated stage pools to fixed x fixed tokens).
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dims=(72, 144, 288, 576),
+        num_heads=(3, 6, 12, 24),
+        depths=(2, 2, 15, 2),
+        mlp_ratios=(8, 8, 4, 4),
+        sr_ratios=(8, 4, 2, 1),
+        window_size: int = 3,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        pretrain_size: int = 224,
+        pos_bias: str = "extrapolate",
+        img_size: int | None = None,
+        fixed_pool_size: int | None = None,
+        global_pool: str = "avg",
+    ):
+        super().__init__()
+        if pos_bias not in POS_BIAS_MODES:
+            raise ValueError(f"pos_bias must be one of {POS_BIAS_MODES}, got {pos_bias!r}")
+        if pos_bias == "interpolate" and img_size is None:
+            raise ValueError("pos_bias='interpolate' needs img_size (800 for the released "
+                             "detection and segmentation models)")
+        if img_size is not None and (isinstance(img_size, (tuple, list))):
+            img_size = int(img_size[-1])
+        if not isinstance(pretrain_size, int) or pretrain_size < 1:
+            raise ValueError(f"pretrain_size must be a positive int, got {pretrain_size!r}")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_stages = len(depths)
+        self.embed_dims = tuple(embed_dims)
+        self.num_heads = tuple(num_heads)
+        self.depths = tuple(depths)
+        self.sr_ratios = tuple(sr_ratios)
+        self.window_size = window_size
+        self.pretrain_size = pretrain_size
+        self.pos_bias = pos_bias
+        self.img_size = img_size
+        self.fixed_pool_size = _check_pool_size(fixed_pool_size)
+        self.global_pool = global_pool
+        self.grad_checkpointing = False
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.drop_rate = drop_rate
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        cur = 0
+        self.feature_info = []
+        for i in range(self.num_stages):
+            setattr(self, f"patch_embed{i + 1}", OverlapPatchEmbed(
+                7 if i == 0 else 3, 4 if i == 0 else 2,
+                in_chans if i == 0 else embed_dims[i - 1], embed_dims[i]))
+            setattr(self, f"block{i + 1}", nn.ModuleList([
+                Block(embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i], window_size,
+                      qkv_bias, proj_drop_rate, attn_drop_rate, dpr[cur + j])
+                for j in range(depths[i])]))
+            setattr(self, f"norm{i + 1}", nn.LayerNorm(embed_dims[i], eps=1e-6))
+            cur += depths[i]
+            self.feature_info.append(
+                dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"norm{i + 1}"))
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+
+    # ---- timm surface -------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        keys = ("query_embedding", "relative_pos_bias_local", "cpb", "temperature")
+        return {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^patch_embed1\.",
+            blocks=[(r"^(?:patch_embed|block|norm)(\d+)", None)] if coarse else [
+                (r"^block(\d+)\.(\d+)", None),
+                (r"^(?:patch_embed|norm)(\d+)", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        device = next(self.parameters()).device
+        self.head = (nn.Linear(self.num_features, num_classes, device=device)
+                     if num_classes > 0 else nn.Identity())
+        if num_classes > 0:
+            _init_weights(self.head)
+
+    def set_fixed_pool_size(self, size: int | None) -> None:
+        """Linear inference mode: pool every aggregated stage to size x size (None: off)."""
+        self.fixed_pool_size = _check_pool_size(size)
+
+    # ---- forward --------------------------------------------------------
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
+            desc = (f"a {x.ndim}-D {x.dtype} tensor" if isinstance(x, Tensor)
+                    else type(x).__name__)
+            raise ValueError(f"TransNeXt expects a 4-D float image tensor (B, C, H, W), "
+                             f"got {desc}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"TransNeXt was built for {self.in_chans} input channels, "
+                             f"got an image with {x.shape[1]} (shape {tuple(x.shape)})")
+        if x.shape[2] < 1 or x.shape[3] < 1 or x.shape[0] < 1:
+            raise ValueError(f"empty image batch of shape {tuple(x.shape)}")
+
+    def _geometry(self, stage: int, H: int, W: int) -> StageGeometry:
+        return stage_geometry(H, W, stage, self.sr_ratios[stage], self.pretrain_size,
+                              self.fixed_pool_size, self.pos_bias, self.img_size)
+
+    def _run_stage(self, i: int, x: Tensor) -> Tensor:
+        """Stage i (0-based) on an NCHW map; returns its normalised NCHW map."""
+        x, H, W = getattr(self, f"patch_embed{i + 1}")(x)
+        geo = self._geometry(i, H, W)
+        for blk in getattr(self, f"block{i + 1}"):
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, H, W, geo, use_reentrant=False)
+            else:
+                x = blk(x, H, W, geo)
+        x = getattr(self, f"norm{i + 1}")(x)
+        return _tokens_to_map(x, H, W)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        for i in range(self.num_stages):
+            x = self._run_stage(i, x)
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Stage maps (each after its stage LayerNorm) for dense tasks.
+
+        ``norm`` is accepted for timm compatibility: every stage map is
+        normalised already.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_input(x)
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        intermediates = []
+        last = max_index if (stop_early or intermediates_only) else self.num_stages - 1
+        for i in range(last + 1):
+            x = self._run_stage(i, x)
+            if i in take:
+                intermediates.append(x if output_fmt == "NCHW" else x.permute(0, 2, 3, 1))
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last wanted one (and the head)."""
+        take, max_index = feature_take_indices(self.num_stages, indices)
+        for i in range(max_index + 1, self.num_stages):
+            for prefix in ("patch_embed", "block", "norm"):
+                delattr(self, f"{prefix}{i + 1}")
+        self.num_stages = max_index + 1
+        self.feature_info = self.feature_info[: max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+
+def _check_pool_size(size) -> int | None:
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"fixed_pool_size must be None or a positive int, got {size!r}")
+    return size
+
+
+# ---- timm registration -------------------------------------------------------
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed1.proj", "classifier": "head",
+        "license": "apache-2.0", "paper_ids": "arXiv:2311.17132",
+        **kwargs,
+    }
+
+
+def _hub(repo: str, filename: str, **kwargs) -> dict:
+    return _cfg(hf_hub_id=f"DaiShiResearch/{repo}", hf_hub_filename=filename, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    "transnext_micro.in1k": _hub("transnext-micro-224-1k", "transnext_micro_224_1k.pth"),
+    "transnext_tiny.in1k": _hub("transnext-tiny-224-1k", "transnext_tiny_224_1k.pth"),
+    "transnext_small.in1k": _hub("transnext-small-224-1k", "transnext_small_224_1k.pth"),
+    "transnext_small.in1k_384": _hub(
+        "transnext-small-384-1k-ft-1k", "transnext_small_384_1k_ft_1k.pth",
+        input_size=(3, 384, 384), crop_pct=1.0),
+    "transnext_base.in1k": _hub("transnext-base-224-1k", "transnext_base_224_1k.pth"),
+    "transnext_base.in1k_384": _hub(
+        "transnext-base-384-1k-ft-1k", "transnext_base_384_1k_ft_1k.pth",
+        input_size=(3, 384, 384), crop_pct=1.0),
+    "transnext_micro_aaaa.in1k": _hub(
+        "transnext-micro-AAAA-256-1k", "transnext_micro_AAAA_256_1k.pth",
+        input_size=(3, 256, 256)),
+    # Not published: the architecture of the Fashion-MNIST main job.
+    "transnext_femto.untrained": _cfg(
+        num_classes=10, input_size=(1, 28, 28), crop_pct=1.0, interpolation="bilinear",
+        mean=(0.2860,), std=(0.3530,), first_conv="patch_embed1.proj"),
+})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> TransNeXt:
+    model_args = dict(ARCHS[variant], pretrain_size=PRETRAIN_SIZE.get(variant, 224))
+    if kwargs.get("pretrain_size") is None:
+        kwargs.pop("pretrain_size", None)
+    model_args.update(kwargs)
+    return build_model_with_cfg(
+        TransNeXt, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **model_args,
+    )
+
+
+def _register(name: str):
+    def entry(pretrained: bool = False, **kwargs) -> TransNeXt:
+        return _create(name, pretrained=pretrained, **kwargs)
+
+    entry.__name__ = name
+    entry.__qualname__ = name
+    entry.__doc__ = f"{name}: {ARCHS[name]}"
+    return register_model(entry)
+
+
+transnext_micro = _register("transnext_micro")
+transnext_tiny = _register("transnext_tiny")
+transnext_small = _register("transnext_small")
+transnext_base = _register("transnext_base")
+transnext_micro_aaaa = _register("transnext_micro_aaaa")
+transnext_femto = _register("transnext_femto")

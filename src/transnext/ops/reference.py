@@ -1,0 +1,132 @@
+"""Plain-PyTorch aggregated attention (SPEC section 3, steps 3-7).
+
+This is the definition every fast backend is tested against, and the path
+CPU users run. It never unfolds the neighbourhood: each of the w*w window
+offsets is a shifted view of a zero-padded key/value map, so memory stays
+O(N * (w*w + P)) per head.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def window_offsets(window: int) -> list[tuple[int, int]]:
+    """Row-major (dy, dx) offsets of a w x w window, dy and dx in [-(w//2), w//2]."""
+    r = window // 2
+    return [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+
+
+def neighbour_counts(H: int, W: int, window: int, device=None) -> Tensor:
+    """n(p): how many of the w x w neighbours of each position lie inside the map, (H*W,)."""
+    r = window // 2
+    ys = torch.arange(H, device=device)
+    xs = torch.arange(W, device=device)
+    ny = (torch.clamp(ys + r, max=H - 1) - torch.clamp(ys - r, min=0) + 1)
+    nx = (torch.clamp(xs + r, max=W - 1) - torch.clamp(xs - r, min=0) + 1)
+    return (ny[:, None] * nx[None, :]).reshape(-1)
+
+
+def length_scale(H: int, W: int, window: int, num_pool: int, device=None) -> Tensor:
+    """s(p) = log(n(p) + P), float32 (H*W,)."""
+    n = neighbour_counts(H, W, window, device).to(torch.float32)
+    return torch.log(n + num_pool)
+
+
+def local_valid_mask(H: int, W: int, window: int, device=None) -> Tensor:
+    """(H*W, w*w) bool: True where neighbour j of position p lies inside the map."""
+    ys = torch.arange(H, device=device)[:, None]
+    xs = torch.arange(W, device=device)[None, :]
+    cols = []
+    for dy, dx in window_offsets(window):
+        ok = (ys + dy >= 0) & (ys + dy < H) & (xs + dx >= 0) & (xs + dx < W)
+        cols.append(ok.reshape(-1))
+    return torch.stack(cols, dim=1)
+
+
+def _shifted(x_pad: Tensor, H: int, W: int, r: int, dy: int, dx: int) -> Tensor:
+    # x_pad: (B, h, H + 2r, W + 2r, d); returns x[y + dy, x + dx] with zeros outside.
+    return x_pad[:, :, r + dy:r + dy + H, r + dx:r + dx + W, :]
+
+
+def aggregated_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    pool_bias: Tensor,
+    query_embedding: Tensor,
+    temperature: Tensor,
+    rel_bias_local: Tensor,
+    learnable_tokens: Tensor,
+    learnable_bias: Tensor,
+    H: int,
+    W: int,
+    window: int = 3,
+    attn_drop: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """Aggregated attention after the projections. See ``ops.aggregated_attention``
+    for the shapes; returns (B, N, h, d) in q's dtype."""
+    B, N, h, d = q.shape
+    P = k_pool.shape[1]
+    r = window // 2
+    out_dtype = q.dtype
+    f32 = torch.float32
+
+    # (B, h, N, d) in fp32: the reference favours exactness over speed.
+    qf = q.to(f32).transpose(1, 2)
+    q_hat = F.normalize(qf, dim=-1)
+    k_hat = F.normalize(k.to(f32), dim=-1).transpose(1, 2)
+    vf = v.to(f32).transpose(1, 2)
+    kp_hat = F.normalize(k_pool.to(f32), dim=-1).transpose(1, 2)  # (B, h, P, d)
+    vp = v_pool.to(f32).transpose(1, 2)
+
+    scale = length_scale(H, W, window, P, q.device)  # (N,)
+    q_tilde = (q_hat + query_embedding.to(f32)) * F.softplus(temperature.to(f32)) * scale[:, None]
+
+    # Local logits, one shifted view of padded keys per window offset.
+    k_pad = F.pad(k_hat.reshape(B, h, H, W, d), (0, 0, r, r, r, r))
+    q_grid = q_tilde.reshape(B, h, H, W, d)
+    offsets = window_offsets(window)
+    a_local = torch.stack(
+        [(q_grid * _shifted(k_pad, H, W, r, dy, dx)).sum(-1) for dy, dx in offsets], dim=-1
+    ).reshape(B, h, N, window * window)
+    a_local = a_local + rel_bias_local.to(f32)[None, :, None, :]
+    valid = local_valid_mask(H, W, window, q.device)  # (N, w*w)
+    a_local = a_local.masked_fill(~valid, float("-inf"))
+
+    a_pool = q_tilde @ kp_hat.transpose(-2, -1) + pool_bias.to(f32)[None]  # (B, h, N, P)
+
+    attn = torch.cat([a_local, a_pool], dim=-1).softmax(dim=-1)
+    if attn_drop > 0.0 and training:
+        attn = F.dropout(attn, attn_drop, training=True)
+    A_local, A_pool = attn.split([window * window, P], dim=-1)
+
+    # Learnable tokens use q_hat, not q_tilde.
+    m = A_local + q_hat @ learnable_tokens.to(f32)[None] + learnable_bias.to(f32)[None]
+    m = m.reshape(B, h, H, W, window * window)
+    v_pad = F.pad(vf.reshape(B, h, H, W, d), (0, 0, r, r, r, r))
+    out = sum(
+        m[..., j:j + 1] * _shifted(v_pad, H, W, r, dy, dx) for j, (dy, dx) in enumerate(offsets)
+    ).reshape(B, h, N, d)
+    out = out + A_pool @ vp
+    return out.transpose(1, 2).to(out_dtype)
+
+
+def full_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, query_embedding: Tensor, temperature: Tensor
+) -> Tensor:
+    """SPEC section 4 after the projection: q, k, v (B, N, h, d), bias (h, N, N).
+    Returns (B, N, h, d)."""
+    N = q.shape[1]
+    f32 = torch.float32
+    q_hat = F.normalize(q.to(f32), dim=-1).transpose(1, 2)
+    k_hat = F.normalize(k.to(f32), dim=-1).transpose(1, 2)
+    q_s = (q_hat + query_embedding.to(f32)) * F.softplus(temperature.to(f32)) * math.log(N)
+    attn = (q_s @ k_hat.transpose(-2, -1) + bias.to(f32)[None]).softmax(-1)
+    return (attn @ v.to(f32).transpose(1, 2)).transpose(1, 2).to(q.dtype)
