@@ -47,9 +47,9 @@ def local_valid_mask(H: int, W: int, window: int, device=None) -> Tensor:
     return torch.stack(cols, dim=1)
 
 
-def _shifted(x_pad: Tensor, H: int, W: int, r: int, dy: int, dx: int) -> Tensor:
-    # x_pad: (B, h, H + 2r, W + 2r, d); returns x[y + dy, x + dx] with zeros outside.
-    return x_pad[:, :, r + dy:r + dy + H, r + dx:r + dx + W, :]
+def _window(x_pad: Tensor, H: int, W: int, r: int, dy: int, dx: int) -> Tensor:
+    # x_pad: (B, H + 2r, W + 2r, h, d); returns x[y + dy, x + dx] (zeros outside the map).
+    return x_pad[:, r + dy:r + dy + H, r + dx:r + dx + W]
 
 
 def aggregated_attention_reference(
@@ -71,51 +71,56 @@ def aggregated_attention_reference(
     training: bool = False,
 ) -> Tensor:
     """Aggregated attention after the projections. See ``ops.aggregated_attention``
-    for the shapes; returns (B, N, h, d) in q's dtype."""
+    for the shapes; returns (B, N, h, d) in q's dtype.
+
+    Everything stays in the projections' own (B, N, h, d) layout, so there are
+    no head transposes; the w*w neighbours are shifted views of one padded copy.
+    """
     B, N, h, d = q.shape
     P = k_pool.shape[1]
     r = window // 2
-    out_dtype = q.dtype
+    ww = window * window
     f32 = torch.float32
+    pad = (0, 0, 0, 0, r, r, r, r)  # zero-pad the H and W axes of (B, H, W, h, d)
 
-    # (B, h, N, d) in fp32: the reference favours exactness over speed.
-    qf = q.to(f32).transpose(1, 2)
-    q_hat = F.normalize(qf, dim=-1)
-    k_hat = F.normalize(k.to(f32), dim=-1).transpose(1, 2)
-    vf = v.to(f32).transpose(1, 2)
-    kp_hat = F.normalize(k_pool.to(f32), dim=-1).transpose(1, 2)  # (B, h, P, d)
-    vp = v_pool.to(f32).transpose(1, 2)
+    q_hat = F.normalize(q.to(f32), dim=-1)
+    k_hat = F.normalize(k.to(f32), dim=-1)
+    kp_hat = F.normalize(k_pool.to(f32), dim=-1)
+    # softplus(temperature) * s(p), as (N, h, 1)
+    scale = F.softplus(temperature.to(f32)).view(1, h, 1) * length_scale(
+        H, W, window, P, q.device).view(N, 1, 1)
+    q_tilde = (q_hat + query_embedding.to(f32).view(h, d)) * scale
 
-    scale = length_scale(H, W, window, P, q.device)  # (N,)
-    q_tilde = (q_hat + query_embedding.to(f32)) * F.softplus(temperature.to(f32)) * scale[:, None]
-
-    # Local logits, one shifted view of padded keys per window offset.
-    k_pad = F.pad(k_hat.reshape(B, h, H, W, d), (0, 0, r, r, r, r))
-    q_grid = q_tilde.reshape(B, h, H, W, d)
+    # Local logits (B, N, h, w*w): one dot product per window offset.
     offsets = window_offsets(window)
+    k_pad = F.pad(k_hat.view(B, H, W, h, d), pad)
+    q_grid = q_tilde.view(B, H, W, h, d)
     a_local = torch.stack(
-        [(q_grid * _shifted(k_pad, H, W, r, dy, dx)).sum(-1) for dy, dx in offsets], dim=-1
-    ).reshape(B, h, N, window * window)
-    a_local = a_local + rel_bias_local.to(f32)[None, :, None, :]
-    valid = local_valid_mask(H, W, window, q.device)  # (N, w*w)
-    a_local = a_local.masked_fill(~valid, float("-inf"))
+        [torch.linalg.vecdot(q_grid, _window(k_pad, H, W, r, dy, dx)) for dy, dx in offsets],
+        dim=-1,
+    ).view(B, N, h, ww)
+    valid = local_valid_mask(H, W, window, q.device).view(N, 1, ww)
+    local_bias = rel_bias_local.to(f32).view(1, h, ww).masked_fill(~valid, float("-inf"))
+    a_local = a_local + local_bias
 
-    a_pool = q_tilde @ kp_hat.transpose(-2, -1) + pool_bias.to(f32)[None]  # (B, h, N, P)
+    # Pooled logits (B, N, h, P).
+    a_pool = torch.einsum("bnhd,bphd->bnhp", q_tilde, kp_hat) + pool_bias.to(f32).transpose(0, 1)
 
     attn = torch.cat([a_local, a_pool], dim=-1).softmax(dim=-1)
     if attn_drop > 0.0 and training:
         attn = F.dropout(attn, attn_drop, training=True)
-    A_local, A_pool = attn.split([window * window, P], dim=-1)
+    A_local, A_pool = attn.split([ww, P], dim=-1)
 
     # Learnable tokens use q_hat, not q_tilde.
-    m = A_local + q_hat @ learnable_tokens.to(f32)[None] + learnable_bias.to(f32)[None]
-    m = m.reshape(B, h, H, W, window * window)
-    v_pad = F.pad(vf.reshape(B, h, H, W, d), (0, 0, r, r, r, r))
-    out = sum(
-        m[..., j:j + 1] * _shifted(v_pad, H, W, r, dy, dx) for j, (dy, dx) in enumerate(offsets)
-    ).reshape(B, h, N, d)
-    out = out + A_pool @ vp
-    return out.transpose(1, 2).to(out_dtype)
+    m = (A_local + torch.einsum("bnhd,hdj->bnhj", q_hat, learnable_tokens.to(f32))
+         + learnable_bias.to(f32).view(h, ww))
+    m = m.view(B, H, W, h, ww)
+    v_pad = F.pad(v.to(f32).view(B, H, W, h, d), pad)
+    out = m[..., 0:1] * _window(v_pad, H, W, r, *offsets[0])
+    for j, (dy, dx) in enumerate(offsets[1:], start=1):
+        out = out.addcmul_(m[..., j:j + 1], _window(v_pad, H, W, r, dy, dx))
+    out = out.view(B, N, h, d) + torch.einsum("bnhp,bphd->bnhd", A_pool, v_pool.to(f32))
+    return out.to(q.dtype)
 
 
 def full_attention_reference(
