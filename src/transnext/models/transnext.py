@@ -110,9 +110,10 @@ class _PositionBias(nn.Module):
         table, index = geo.coords(device)
         # fp32 regardless of autocast: the bias is small, shared and cacheable.
         with torch.autocast(device_type=device.type, enabled=False):
-            w1, w2 = self.cpb_fc1.weight.float(), self.cpb_fc2.weight.float()
-            b1, b2 = self.cpb_fc1.bias.float(), self.cpb_fc2.bias.float()
-            per_pair = F.linear(F.relu(F.linear(table, w1, b1)), w2, b2)  # (U, h)
+            acc = torch.promote_types(self.cpb_fc1.weight.dtype, torch.float32)
+            w1, w2 = self.cpb_fc1.weight.to(acc), self.cpb_fc2.weight.to(acc)
+            b1, b2 = self.cpb_fc1.bias.to(acc), self.cpb_fc2.bias.to(acc)
+            per_pair = F.linear(F.relu(F.linear(table.to(acc), w1, b1)), w2, b2)  # (U, h)
             bias = per_pair.t()[:, index]  # (h, Nq0, Nk0)
             if geo.interpolate:
                 bias = resize_bias(bias, geo)

@@ -30,10 +30,11 @@ def neighbour_counts(H: int, W: int, window: int, device=None) -> Tensor:
     return (ny[:, None] * nx[None, :]).reshape(-1)
 
 
-def length_scale(H: int, W: int, window: int, num_pool: int, device=None) -> Tensor:
-    """s(p) = log(n(p) + P), float32 (H*W,)."""
-    n = neighbour_counts(H, W, window, device).to(torch.float32)
-    return torch.log(n + num_pool)
+def length_scale(H: int, W: int, window: int, num_pool: int, device=None,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    """s(p) = log(n(p) + P), (H*W,)."""
+    n = neighbour_counts(H, W, window, device).to(torch.float64)
+    return torch.log(n + num_pool).to(dtype)
 
 
 def local_valid_mask(H: int, W: int, window: int, device=None) -> Tensor:
@@ -80,7 +81,7 @@ def aggregated_attention_reference(
     P = k_pool.shape[1]
     r = window // 2
     ww = window * window
-    f32 = torch.float32
+    f32 = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
     pad = (0, 0, 0, 0, r, r, r, r)  # zero-pad the H and W axes of (B, H, W, h, d)
 
     q_hat = F.normalize(q.to(f32), dim=-1)
@@ -88,7 +89,7 @@ def aggregated_attention_reference(
     kp_hat = F.normalize(k_pool.to(f32), dim=-1)
     # softplus(temperature) * s(p), as (N, h, 1)
     scale = F.softplus(temperature.to(f32)).view(1, h, 1) * length_scale(
-        H, W, window, P, q.device).view(N, 1, 1)
+        H, W, window, P, q.device, f32).view(N, 1, 1)
     q_tilde = (q_hat + query_embedding.to(f32).view(h, d)) * scale
 
     # Local logits (B, N, h, w*w): one dot product per window offset.
@@ -129,7 +130,7 @@ def full_attention_reference(
     """SPEC section 4 after the projection: q, k, v (B, N, h, d), bias (h, N, N).
     Returns (B, N, h, d)."""
     N = q.shape[1]
-    f32 = torch.float32
+    f32 = torch.promote_types(q.dtype, torch.float32)
     q_hat = F.normalize(q.to(f32), dim=-1).transpose(1, 2)
     k_hat = F.normalize(k.to(f32), dim=-1).transpose(1, 2)
     q_s = (q_hat + query_embedding.to(f32)) * F.softplus(temperature.to(f32)) * math.log(N)
