@@ -39,31 +39,38 @@ def _log_spaced(t: Tensor) -> Tensor:
     return torch.sign(t) * torch.log2(t.abs() + 1.0) / math.log2(8)
 
 
-def _axis_offsets(q_len: int, k_len: int, pretrain_len: int, device) -> Tensor:
-    """(q_len, k_len) normalised offsets along one axis, before the log spacing.
+def _pool_centres(q_len: int, k_len: int) -> list[float]:
+    """Centres of adaptive_avg_pool1d's bins over 0..q_len-1 (half-integers, exact)."""
+    return [((i * q_len) // k_len + -(-((i + 1) * q_len) // k_len) - 1) / 2
+            for i in range(k_len)]
 
-    Query coordinates are 0..q_len-1; key coordinates are the centres of the
-    adaptive pooling bins. A pretrain grid of one cell (or less) has no
-    spacing to normalise by: offsets are then taken in cells (divisor 1)
-    instead of dividing by zero as the original code does.
-    """
-    q = torch.arange(q_len, dtype=torch.float32, device=device)
-    k = F.adaptive_avg_pool1d(q[None, None], k_len)[0, 0]
-    divisor = float(max(pretrain_len - 1, 1))
-    return (q[:, None] - k[None, :]) / divisor * 8
+
+def _axis_table(q_len: int, k_len: int) -> tuple[list[float], list[list[int]]]:
+    """Distinct query-key offsets along one axis, sorted, and for each (q, k) the
+    index of its offset. Plain Python on exact half-integers: no torch.unique,
+    so torch.compile folds it to constants."""
+    centres = _pool_centres(q_len, k_len)
+    diffs = [[q - c for c in centres] for q in range(q_len)]
+    values = sorted({d for row in diffs for d in row})
+    where = {v: i for i, v in enumerate(values)}
+    return values, [[where[d] for d in row] for row in diffs]
 
 
 def _build_bias_coords(q_hw, k_hw, pretrain_hw, device) -> tuple[Tensor, Tensor]:
-    dh = _axis_offsets(q_hw[0], k_hw[0], pretrain_hw[0], device)
-    dw = _axis_offsets(q_hw[1], k_hw[1], pretrain_hw[1], device)
-    uh, inv_h = torch.unique(dh, return_inverse=True)  # (Uh,), (Hq, Hk)
-    uw, inv_w = torch.unique(dw, return_inverse=True)  # (Uw,), (Wq, Wk)
+    axes = []
+    for q_len, k_len, pre in zip(q_hw, k_hw, pretrain_hw):
+        values, inverse = _axis_table(q_len, k_len)
+        # A pretrain grid of one cell has no spacing to normalise by: offsets
+        # are then taken in cells (divisor 1) instead of dividing by zero.
+        divisor = float(max(pre - 1, 1))
+        offsets = torch.tensor(values, dtype=torch.float32, device=device) / divisor * 8
+        axes.append((offsets, torch.tensor(inverse, dtype=torch.long, device=device)))
+    (uh, inv_h), (uw, inv_w) = axes
     table = torch.stack(torch.meshgrid(uh, uw, indexing="ij"), dim=-1).reshape(-1, 2)
     table = _log_spaced(table)
     # index[(qh, qw), (kh, kw)] = inv_h[qh, kh] * Uw + inv_w[qw, kw]
     index = inv_h[:, None, :, None] * uw.numel() + inv_w[None, :, None, :]
-    index = index.reshape(q_hw[0] * q_hw[1], k_hw[0] * k_hw[1])
-    return table, index
+    return table, index.reshape(q_hw[0] * q_hw[1], k_hw[0] * k_hw[1])
 
 
 def bias_coords(q_hw, k_hw, pretrain_hw, device) -> tuple[Tensor, Tensor]:
