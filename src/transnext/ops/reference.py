@@ -105,7 +105,8 @@ def aggregated_attention_reference(
     a_local = a_local + local_bias
 
     # Pooled logits (B, N, h, P).
-    a_pool = torch.einsum("bnhd,bphd->bnhp", q_tilde, kp_hat) + pool_bias.to(f32).transpose(0, 1)
+    a_pool = torch.einsum("bnhd,bphd->bnhp", q_tilde, kp_hat)
+    a_pool = a_pool.add_(pool_bias.to(f32).transpose(0, 1))  # in place: bmm keeps no output
 
     attn = torch.cat([a_local, a_pool], dim=-1).softmax(dim=-1)
     if attn_drop > 0.0 and training:
