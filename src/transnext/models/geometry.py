@@ -82,7 +82,10 @@ def bias_coords(q_hw, k_hw, pretrain_hw, device) -> tuple[Tensor, Tensor]:
     if hit is None:
         if len(_CACHE) >= _CACHE_LIMIT:
             _CACHE.pop(next(iter(_CACHE)))
-        hit = _CACHE[key] = _build_bias_coords(q_hw, k_hw, pretrain_hw, device)
+        # Normal tensors even when first asked for inside inference_mode, so a
+        # later training forward at the same size can save them for backward.
+        with torch.inference_mode(False):
+            hit = _CACHE[key] = _build_bias_coords(q_hw, k_hw, pretrain_hw, device)
     return hit
 
 

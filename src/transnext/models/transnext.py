@@ -286,8 +286,7 @@ class TransNeXt(nn.Module):
             img_size = int(img_size[-1])
         if not isinstance(pretrain_size, int) or pretrain_size < 1:
             raise ValueError(f"pretrain_size must be a positive int, got {pretrain_size!r}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        _check_pool(global_pool, num_classes)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_stages = len(depths)
@@ -335,8 +334,9 @@ class TransNeXt(nn.Module):
         return dict(
             stem=r"^patch_embed1\.",
             blocks=[(r"^(?:patch_embed|block|norm)(\d+)", None)] if coarse else [
+                (r"^patch_embed(\d+)", (-1,)),  # a stage's downsampling, before its blocks
                 (r"^block(\d+)\.(\d+)", None),
-                (r"^(?:patch_embed|norm)(\d+)", (99999,)),
+                (r"^norm(\d+)", (99999,)),
             ],
         )
 
@@ -349,13 +349,12 @@ class TransNeXt(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        pool = self.global_pool if global_pool is None else global_pool
+        _check_pool(pool, num_classes)
         self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        device = next(self.parameters()).device
-        self.head = (nn.Linear(self.num_features, num_classes, device=device)
+        self.global_pool = pool
+        ref = next(self.parameters())
+        self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
                      if num_classes > 0 else nn.Identity())
         if num_classes > 0:
             _init_weights(self.head)
@@ -449,6 +448,14 @@ class TransNeXt(nn.Module):
         if prune_head:
             self.reset_classifier(0, "")
         return take
+
+
+def _check_pool(global_pool: str, num_classes: int) -> None:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+    if global_pool == "" and num_classes > 0:
+        raise ValueError("global_pool='' (no pooling) leaves a feature map; it needs "
+                         "num_classes=0, since the classifier is applied to pooled features")
 
 
 def _check_pool_size(size) -> int | None:

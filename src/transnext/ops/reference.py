@@ -61,7 +61,8 @@ def _cached(fn, *args) -> Tensor:
     if table is None:
         if len(_TABLE_CACHE) >= 256:
             _TABLE_CACHE.clear()
-        table = _TABLE_CACHE[key] = fn(*args)
+        with torch.inference_mode(False):  # reusable by a later training forward
+            table = _TABLE_CACHE[key] = fn(*args)
     return table
 
 
