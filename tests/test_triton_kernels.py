@@ -1,0 +1,296 @@
+"""Triton aggregated-attention kernels against the plain-PyTorch reference.
+
+On CPU the kernels run in triton's interpreter. Triton decides between compiled
+and interpreted kernels when functions are *decorated* (at ``import triton``),
+so this module sets ``TRITON_INTERPRET=1`` before triton is imported. If some
+earlier test module already imported triton without it, the CPU cases run in
+one subprocess (``test_cpu_cases_in_subprocess``) instead.
+
+On CUDA the same cases run compiled, plus real stage shapes, fp16/bf16, d=64,
+torch.compile and opcheck.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover
+    HAVE_TRITON = False
+
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton not importable")
+
+
+def _interp_in_process() -> bool:
+    return HAVE_TRITON and type(tl.sum).__name__ == "InterpretedFunction"
+
+
+# CPU needs the interpreter in this process; otherwise a subprocess runs the CPU cases.
+RUN_HERE = CUDA or _interp_in_process()
+_SUBPROCESS_FLAG = "TRANSNEXT_TRITON_TEST_CHILD"
+
+from transnext.ops.aggregated_attention import aggregated_attention  # noqa: E402
+from transnext.ops.reference import aggregated_attention_reference  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+NAMES = ["q", "k", "v", "k_pool", "v_pool", "pool_bias", "query_embedding", "temperature",
+         "rel_bias_local", "learnable_tokens", "learnable_bias"]
+
+
+def make_inputs(B, H, W, h, d, P, dtype=torch.float32, window=3, noncontig=True, seed=0,
+                device=DEV):
+    """Random inputs; q a (B,N,C) Linear-like output viewed as heads, k/v halves of one
+    (B,N,2C) tensor (non-contiguous views) when ``noncontig``. Returns (leaves, views)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    N, C, ww = H * W, h * d, window * window
+
+    def rn(*shape, std=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dt).requires_grad_()
+
+    # larger-than-init parameters so every term matters numerically
+    params = [rn(h, 1, d, std=0.5, dt=torch.float32), rn(h, 1, 1, std=1.0, dt=torch.float32),
+              rn(h, ww, std=0.5, dt=torch.float32), rn(h, d, ww, std=0.3, dt=torch.float32),
+              rn(h, 1, ww, std=0.3, dt=torch.float32)]
+    pb = rn(h, N, P, std=0.5)
+    if noncontig:
+        qx, kvx, kvp = rn(B, N, C), rn(B, N, 2 * C), rn(B, P, 2 * C)
+        leaves = [qx, kvx, kvp, pb, *params]
+
+        def views():
+            k, v = kvx.view(B, N, 2, h, d).unbind(2)
+            kp, vp = kvp.view(B, P, 2, h, d).unbind(2)
+            return [qx.view(B, N, h, d), k, v, kp, vp, pb, *params]
+    else:
+        t = [rn(B, N, h, d), rn(B, N, h, d), rn(B, N, h, d), rn(B, P, h, d), rn(B, P, h, d)]
+        leaves = [*t, pb, *params]
+
+        def views():
+            return [*t, pb, *params]
+    return leaves, views
+
+
+TOL = {  # (forward, gradient) bound on ||a - b|| / ||b||
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (5e-3, 1e-2),
+    torch.bfloat16: (2e-2, 4e-2),
+}
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_case(B, H, W, h, d, P, dtype=torch.float32, window=3, noncontig=True, seed=0):
+    leaves, views = make_inputs(B, H, W, h, d, P, dtype, window, noncontig, seed)
+    N = H * W
+    # reference on fp32 copies of the same values (the fp32 computation is the truth)
+    ref_leaves = [x.detach().float().requires_grad_() for x in leaves]
+    vt = views()
+    ref_views = make_views_like(vt, leaves, ref_leaves)
+    ref = aggregated_attention_reference(*ref_views, H, W, window)
+    out = aggregated_attention(*vt, H, W, window, backend="triton")
+    assert out.shape == (B, N, h, d) and out.dtype == dtype and out.is_contiguous()
+    assert torch.isfinite(out).all()
+    ftol, gtol = TOL[dtype]
+    err = _rel(out, ref)
+    assert err < ftol, f"forward rel err {err:.2e}"
+
+    gout = torch.randn(B, N, h, d, generator=torch.Generator().manual_seed(seed + 1))
+    g_tri = torch.autograd.grad(out, vt, gout.to(DEV, dtype))
+    g_ref = torch.autograd.grad(ref, ref_views, gout.to(DEV))
+    for name, a, b in zip(NAMES, g_tri, g_ref):
+        assert a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        e = _rel(a, b)
+        assert e < gtol, f"grad {name}: rel err {e:.2e}"
+
+
+def make_views_like(views, leaves, new_leaves):
+    """Rebuild the same views over ``new_leaves`` (same strides / offsets)."""
+    out = []
+    for v in views:
+        for old, new in zip(leaves, new_leaves):
+            if v.untyped_storage().data_ptr() == old.untyped_storage().data_ptr():
+                es_old, es_new = old.element_size(), new.element_size()
+                off = (v.data_ptr() - old.data_ptr()) // es_old
+                out.append(new.as_strided(v.shape, v.stride(), new.storage_offset() + off)
+                           if es_new else None)
+                break
+        else:  # pragma: no cover
+            raise AssertionError("view of an unknown leaf")
+    return out
+
+
+# (B, H, W, h, d, P, window, noncontig): odd, non-square, smaller than a tile, 1x1,
+# H or W = 1, several pool sizes / head counts, multiple query and pool tiles.
+CPU_CASES = [
+    (2, 5, 7, 2, 24, 6, 3, True),
+    (1, 1, 1, 1, 32, 1, 3, True),
+    (2, 1, 9, 3, 24, 4, 3, False),
+    (1, 8, 1, 2, 32, 3, 3, True),
+    (3, 4, 4, 1, 24, 1, 3, True),
+    (1, 9, 20, 3, 24, 70, 3, True),
+    (1, 6, 5, 2, 24, 9, 5, True),
+    (2, 3, 4, 1, 32, 2, 1, False),
+    (1, 2, 2, 2, 24, 5, 3, True),
+]
+CPU_DTYPE_CASES = [(2, 5, 7, 2, 24, 6, 3, True)]
+
+
+def _case_id(c):
+    return "B{}_{}x{}_h{}_d{}_P{}_w{}_{}".format(*c[:7], "view" if c[7] else "contig")
+
+
+needs_here = pytest.mark.skipif(not RUN_HERE, reason="interpreter not active in-process; "
+                                "see test_cpu_cases_in_subprocess")
+
+
+@needs_here
+@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
+def test_fp32_matches_reference(case):
+    B, H, W, h, d, P, win, nc = case
+    check_case(B, H, W, h, d, P, torch.float32, win, nc)
+
+
+@needs_here
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CPU_DTYPE_CASES, ids=_case_id)
+def test_half_matches_reference(case, dtype):
+    if not CUDA and dtype == torch.bfloat16:
+        pytest.skip("triton's interpreter computes bf16 dots on the raw bits (wrong); GPU only")
+    B, H, W, h, d, P, win, nc = case
+    check_case(B, H, W, h, d, P, dtype, win, nc)
+
+
+@needs_here
+def test_pool_bias_grad_register_path(monkeypatch):
+    """The bwd kernel's two pool_bias-grad paths (registers when P <= ONE_PB_MAX, atomics else)."""
+    from transnext.ops import triton_kernels as tk
+
+    monkeypatch.setitem(tk.TUNE, "bwd_q", dict(tk.TUNE["bwd_q"], ONE_PB_MAX=64))
+    check_case(3, 5, 6, 2, 24, 7, torch.float32)
+    monkeypatch.setitem(tk.TUNE, "bwd_q", dict(tk.TUNE["bwd_q"], ONE_PB_MAX=0))
+    check_case(3, 5, 6, 2, 24, 7, torch.float32)
+
+
+@needs_here
+def test_custom_op_autograd_matches_reference():
+    """The custom-op path (what torch.compile uses) has the same forward and gradients."""
+    from transnext.ops import triton_kernels  # noqa: F401
+
+    B, H, W, h, d, P = 2, 4, 5, 2, 24, 3
+    leaves, views = make_inputs(B, H, W, h, d, P)
+    vt = views()
+    out = torch.ops.transnext.aggregated_attention_fwd(*vt, H, W, 3, True)[0]
+    ref = aggregated_attention_reference(*vt, H, W, 3)
+    assert _rel(out, ref) < 1e-4
+    gout = torch.randn_like(out)
+    for name, a, b in zip(NAMES, torch.autograd.grad(out, vt, gout),
+                          torch.autograd.grad(ref, vt, gout)):
+        assert _rel(a, b) < 1e-4, name
+
+
+@needs_here
+def test_opcheck():
+    from transnext.ops import triton_kernels  # noqa: F401
+
+    leaves, views = make_inputs(1, 3, 4, 1, 24, 2)
+    args = (*views(), 3, 4, 3)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.transnext.aggregated_attention_fwd.default, args,
+                          test_utils=utils)
+    with torch.no_grad():
+        out, lse, res = torch.ops.transnext.aggregated_attention_fwd(*args)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.transnext.aggregated_attention_bwd.default,
+                          (*[t.detach() for t in views()], out, res, lse, dout, 3, 4, 3),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_dispatch_fallbacks():
+    leaves, views = make_inputs(1, 3, 3, 1, 24, 2, noncontig=False)
+    ref = aggregated_attention(*views(), 3, 3, backend="reference")
+    # dropout in training falls back to the reference (no error even on CPU)
+    torch.manual_seed(0)
+    a = aggregated_attention(*views(), 3, 3, attn_drop=0.5, training=True, backend="triton")
+    torch.manual_seed(0)
+    b = aggregated_attention(*views(), 3, 3, attn_drop=0.5, training=True, backend="reference")
+    assert torch.equal(a, b)
+    if not CUDA:  # auto on CPU is the reference
+        assert torch.equal(aggregated_attention(*views(), 3, 3, backend="auto"), ref)
+    with pytest.raises(ValueError):
+        aggregated_attention(*views(), 3, 3, backend="nope")
+
+
+@pytest.mark.skipif(CUDA or RUN_HERE or os.environ.get(_SUBPROCESS_FLAG) == "1",
+                    reason="CPU cases already run in this process")
+def test_cpu_cases_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1", **{_SUBPROCESS_FLAG: "1"})
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        __file__], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+# ------------------------------- CUDA only ---------------------------------
+
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+GPU_CASES = [  # real-ish stage shapes
+    (2, 56, 56, 3, 24, 49, 3, True),     # Tiny stage 1 @224
+    (2, 28, 28, 6, 24, 49, 3, True),
+    (2, 14, 14, 12, 24, 49, 3, True),
+    (1, 50, 82, 2, 24, 1025, 3, True),  # P ~ 1100 (800x1333 stage 1 pool 25x41)
+    (2, 30, 30, 2, 64, 100, 3, True),   # d = 64
+    (2, 17, 23, 4, 32, 12, 3, False),
+    (3, 1, 1, 32, 24, 1, 3, True),      # 1x1, 32 heads
+    (2, 7, 1, 3, 24, 1, 3, True),
+]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+def test_cuda_real_shapes(case, dtype):
+    B, H, W, h, d, P, win, nc = case
+    check_case(B, H, W, h, d, P, dtype, win, nc)
+
+
+@cuda_only
+def test_cuda_torch_compile():
+    B, H, W, h, d, P = 2, 14, 14, 3, 24, 49
+    leaves, views = make_inputs(B, H, W, h, d, P, torch.bfloat16)
+
+    def f(*a):
+        return aggregated_attention(*a, H, W, 3, backend="triton") * 2.0
+
+    cf = torch.compile(f, fullgraph=True)
+    out_c = cf(*views())
+    out_e = f(*views())
+    out_r = aggregated_attention(*views(), H, W, 3, backend="reference") * 2.0
+    assert _rel(out_c, out_e) < 1e-3 and _rel(out_c, out_r) < 2e-2
+    gout = torch.randn_like(out_c)
+    g_c = torch.autograd.grad(out_c, leaves, gout)
+    g_r = torch.autograd.grad(out_r, leaves, gout)
+    for name, a, b in zip(["q", "kv", "kv_pool", "pool_bias", *NAMES[6:]], g_c, g_r):
+        assert _rel(a, b) < 4e-2, name
+
+
+@cuda_only
+def test_cuda_opcheck_full():
+    from transnext.ops import triton_kernels  # noqa: F401
+
+    leaves, views = make_inputs(2, 9, 11, 2, 24, 7)
+    torch.library.opcheck(torch.ops.transnext.aggregated_attention_fwd.default,
+                          (*views(), 9, 11, 3))
