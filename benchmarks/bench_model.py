@@ -152,10 +152,13 @@ def main(argv=None) -> list[dict]:
                         try:
                             r = bench_one(name, size, batch, mode, comp, dev, warmup, iters,
                                           args.repeats)
-                        except torch.OutOfMemoryError:
+                        except Exception as e:  # OOM, or a baseline that rejects the size
+                            msg = "out of memory" if isinstance(e, torch.OutOfMemoryError) \
+                                else f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
                             r = dict(model=name, size=size, batch=batch, mode=mode,
-                                     compiled=comp, error="out of memory")
-                            torch.cuda.empty_cache()
+                                     compiled=comp, error=msg)
+                            if dev == "cuda":
+                                torch.cuda.empty_cache()
                         rows.append(r)
                         _print_row(r)
     env = dict(device=torch.cuda.get_device_name() if dev == "cuda" else platform.processor()

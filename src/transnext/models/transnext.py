@@ -119,7 +119,9 @@ class _PositionBias(nn.Module):
             bias = per_pair.t()[:, index]  # (h, Nq0, Nk0)
             if geo.interpolate:
                 bias = resize_bias(bias, geo)
-        return bias
+        # Kernels (ours and SDPA's mask) want a row-major bias; inductor may pick
+        # another stride order for the gather.
+        return bias.contiguous()
 
     def position_bias(self, geo: StageGeometry, device) -> Tensor:
         params = (self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias)

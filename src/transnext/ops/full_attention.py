@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -22,6 +23,13 @@ def full_attention(
     v = v.transpose(1, 2)
     q_s = (F.normalize(q, dim=-1) + query_embedding) * (F.softplus(temperature) * math.log(N))
     k_hat = F.normalize(k, dim=-1)
+    if torch.compiler.is_compiling():
+        # Under inductor, SDPA's memory-efficient kernel rejects the layout it picks
+        # for a learnable mask's gradient ("(*bias): last dimension must be
+        # contiguous"); the last stage is small, so plain ops that inductor fuses.
+        attn = (q_s @ k_hat.transpose(-2, -1) + bias).softmax(dim=-1)
+        attn = F.dropout(attn, attn_drop, training=training)
+        return (attn.to(v.dtype) @ v).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q_s, k_hat, v, attn_mask=bias.to(q_s.dtype).unsqueeze(0),
         dropout_p=attn_drop if training else 0.0, scale=1.0,
