@@ -38,6 +38,9 @@ def load_for_inference(model_name: str, checkpoint: str | None, *, device, num_c
     elif obj is not None:
         sd = ckpt.state_dict_of(obj)
         num_classes = num_classes or ckpt.head_classes(sd) or 1000
+        first_conv = next((v for v in sd.values() if getattr(v, "ndim", 0) == 4), None)
+        if in_chans is None and first_conv is not None:
+            in_chans = int(first_conv.shape[1])
     num_classes = num_classes or 1000
     in_chans = in_chans or default_in_chans
     model = create(model_name, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
@@ -67,7 +70,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _threads(args):
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+
+
 def run(args) -> dict:
+    _threads(args)
     dist = init_distributed(args.device)
     try:
         return _run(args, dist)
@@ -104,6 +114,20 @@ def _run(args, dist) -> dict:
                 loader = TensorBatches(x, y, args.batch_size, size, train=False, in_chans=c,
                                        mean=fm.MEAN * c, std=fm.STD * c, rank=dist.rank,
                                        world_size=dist.world_size, device=device)
+            elif args.dataset == "shards":
+                from ..data import eval_transform
+                from ..engine.loaders import dataset_eval_loader, shard_datasets
+                c = meta["in_chans"]
+                tf = eval_transform(size, (meta["mean"] or dcfg["mean"][:c]),
+                                    (meta["std"] or dcfg["std"][:c]), crop_pct=dcfg["crop_pct"],
+                                    interpolation=dcfg["interpolation"])
+                try:
+                    _, vds, _ = shard_datasets(args.data_dir, None, tf, c)
+                except DataError as e:
+                    raise UserError(str(e)) from None
+                if vds is None:
+                    raise UserError(f"no val/ shards in {args.data_dir}")
+                loader = dataset_eval_loader(vds, args.batch_size, dist, workers=args.workers)
             else:
                 root = Path(args.data_dir)
                 if not root.is_dir():

@@ -41,7 +41,14 @@ def predict(model, meta, images, *, input_size=None, topk=5, device="cpu") -> li
     return out
 
 
+def _threads(args):
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+
+
 def run(args) -> list[dict]:
+    _threads(args)
     device = resolve_device(args.device)
     model, meta = load_for_inference(args.model, args.checkpoint, device=device)
     res = predict(model, meta, args.images, input_size=args.input_size, topk=args.topk,

@@ -1,0 +1,1 @@
+"""Training, evaluation and checkpoint machinery behind the `transnext` CLI."""

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny real image trees (PNG and JPEG files) for the job tests."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+# the colour that makes each class recognisable (training can learn it in a few steps)
+_COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (220, 220, 40)]
+
+
+def write_image(path: Path, cls: int, seed: int, size: int = 32) -> Path:
+    rng = np.random.default_rng(seed)
+    base = np.array(_COLOURS[cls % len(_COLOURS)], dtype=np.float32)
+    img = base + rng.normal(0, 25, (size, size, 3))
+    y0, x0 = rng.integers(0, size // 2, 2)
+    img[y0:y0 + size // 3, x0:x0 + size // 3] = 255 - base  # a patch, so images differ
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+    return path
+
+
+def make_image_folder(root: Path, classes, per_class: int, seed: int = 0, size: int = 32,
+                      ext_cycle=(".png", ".jpg")) -> Path:
+    """root/<class>/img_<i>.<png|jpg>: real encoded files, alternating formats."""
+    for ci, name in enumerate(classes):
+        for i in range(per_class):
+            ext = ext_cycle[i % len(ext_cycle)]
+            write_image(root / name / f"img_{i}{ext}", ci, seed * 1000 + ci * 100 + i, size)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A train/val ImageFolder: 3 classes, 8 train and 3 val images each (PNG + JPEG)."""
+    root = tmp_path_factory.mktemp("tiny_folder")
+    classes = ["cat", "dog", "fish"]
+    make_image_folder(root / "train", classes, 8, seed=1)
+    make_image_folder(root / "val", classes, 3, seed=2)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def model_name() -> str:
+    """The tiny model the job tests train (TransNeXt-femto)."""
+    return "transnext_femto"

@@ -1,0 +1,79 @@
+"""The command line: entry points, sub-command wiring, recipes and overrides."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PY, REPO, subprocess_env
+from transnext.cli import build_parser, main
+from transnext.engine import recipes
+
+
+def test_python_m_and_console_script_help():
+    p = subprocess.run([PY, "-m", "transnext", "--help"], capture_output=True, text=True,
+                       env=subprocess_env(), cwd=REPO, timeout=120)
+    assert p.returncode == 0
+    for sub in ("train", "eval", "predict", "info"):
+        assert sub in p.stdout
+    exe = Path(sys.executable).parent / "transnext"
+    if exe.exists():
+        p = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 0
+        for flag in ("--model", "--data-dir", "--output", "--epochs", "--batch-size",
+                     "--input-size", "--recipe", "--pretrained", "--resume", "--device", "--amp",
+                     "--compile", "--accum-steps"):
+            assert flag in p.stdout, flag
+
+
+def test_recipe_presets_and_overrides():
+    args = build_parser().parse_args(["train", "--recipe", "in1k-tiny", "--lr", "5e-4",
+                                      "--no-repeated-aug"])
+    recipes.resolve(args)
+    assert args.model == "transnext_tiny" and args.drop_path == 0.25
+    assert args.lr == 5e-4  # the flag wins over the preset
+    assert args.repeated_aug is False
+    assert (args.epochs, args.weight_decay, args.mixup, args.cutmix, args.smoothing) == (
+        300, 0.05, 0.8, 1.0, 0.1)
+    assert args.aa == "rand-m9-mstd0.5-inc1" and args.reprob == 0.25 and args.clip_grad == 1.0
+    assert (args.warmup_epochs, args.warmup_lr, args.min_lr) == (5, 1e-6, 1e-5)
+    ft = build_parser().parse_args(["train", "--recipe", "ft384-base"])
+    recipes.resolve(ft)
+    assert (ft.input_size, ft.epochs, ft.lr, ft.drop_path, ft.cutmix) == (384, 5, 1e-5, 0.8, 0.0)
+    for name in ("in1k-micro", "in1k-small", "in1k-base", "ft384-small"):
+        assert name in recipes.RECIPES
+
+
+def test_weight_decay_exclusions_reach_the_optimizer():
+    import timm.optim
+    import transnext
+    m = transnext.create_model("transnext_femto", num_classes=10)
+    opt = timm.optim.create_optimizer_v2(m, opt="adamw", lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0
+                for p in g["params"]}
+    assert any("query_embedding" in n for n in no_decay)
+    assert any("relative_pos_bias_local" in n for n in no_decay)
+    assert any("temperature" in n for n in no_decay)
+    assert any(".cpb_fc1.weight" in n for n in no_decay)
+    assert not any(n.endswith("mlp.fc1.weight") for n in no_decay)
+
+
+def test_info_subcommand(tmp_path, capsys):
+    js = tmp_path / "info.json"
+    assert main(["info", "transnext_femto", "--input-size", "32", "--json", str(js)]) == 0
+    assert "transnext_femto" in capsys.readouterr().out
+    assert js.exists() and json.loads(js.read_text())
+
+
+def test_unknown_model_and_recipe_messages(tmp_path, capsys):
+    assert main(["train", "--model", "no_such_model", "--data-dir", str(tmp_path),
+                 "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "data directory" in err or "unknown model" in err
+    with pytest.raises(SystemExit):
+        main(["train", "--recipe", "no-such-recipe"])
