@@ -8,7 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    """One intra-op thread in the test process: on a loaded 2-core machine two
+    spinning OpenMP threads per process slow small ops down by up to ~40x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -27,15 +27,6 @@ ARCH = {
 W = 3  # window
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread for this module: on a loaded 2-core machine two
-    spinning OpenMP threads per process slow these small ops down ~40x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def published_shapes(name: str, num_classes: int = 1000, in_chans: int = 3) -> OrderedDict:
     """key -> shape of a released classification checkpoint (SPEC sections 2-7)."""

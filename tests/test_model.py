@@ -27,15 +27,6 @@ PARAMS = {"transnext_micro": 12_809_304, "transnext_tiny": 28_258_960,
 NO_DECAY_KEYS = ("query_embedding", "relative_pos_bias_local", "cpb", "temperature")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread for this module: on a loaded 2-core machine two
-    spinning OpenMP threads per process slow these small ops down ~40x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(**kw) -> TransNeXt:
     """Published layout (sr 8/4/2/1, window 3), tiny widths."""

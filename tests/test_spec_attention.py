@@ -17,15 +17,6 @@ from transnext.models.geometry import stage_geometry  # noqa: E402
 from transnext.models.transnext import AggregatedAttention, Attention  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread for this module: on a loaded 2-core machine two
-    spinning OpenMP threads per process slow these small ops down ~40x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def randomise(module: torch.nn.Module, seed: int) -> None:
     """Every parameter to a random value of a sensible scale (default init leaves

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models import CheckpointError, TransNeXt, apply_checkpoint, read_checkpoint
 from .errors import UserError
 
 
@@ -79,16 +80,10 @@ def set_rng_state(st: dict) -> None:
 
 def read_file(path: str | os.PathLike) -> dict:
     """Load a .pth/.pt (weights only) or .safetensors file; errors name the file."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path}")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path), device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any decoding failure is a bad file
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:300]}") from None
+        return read_checkpoint(path)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
 
 
 def is_training_checkpoint(obj) -> bool:
@@ -126,14 +121,9 @@ def load_weights(model, obj, path, *, use_ema: bool = False) -> None:
         except RuntimeError as e:
             raise UserError(_mismatch(path, e)) from None
         return
-    try:
-        import transnext
-        loader = getattr(transnext, "load_checkpoint", None)
-    except ImportError:
-        loader = None
-    if loader is not None and type(model).__module__.startswith("transnext"):
+    if isinstance(model, TransNeXt):
         try:
-            loader(model, str(path), strict=True)
+            apply_checkpoint(model, obj, f"checkpoint {path}", strict=True)
             return
         except (ValueError, RuntimeError, KeyError) as e:
             raise UserError(_mismatch(path, e)) from None

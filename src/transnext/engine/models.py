@@ -4,6 +4,7 @@ from __future__ import annotations
 import timm
 import torch
 
+from .. import models as _registry  # noqa: F401  (registers the TransNeXt models with timm)
 from .errors import UserError
 
 
@@ -11,10 +12,6 @@ def create(name: str, num_classes: int, in_chans: int = 3, drop_path: float | No
            **extra):
     """timm.create_model with the package's models registered; unknown names and bad
     arguments become one clear message."""
-    try:
-        import transnext  # noqa: F401  registers the TransNeXt models with timm
-    except Exception:  # noqa: BLE001 - the model package may still be under construction
-        pass
     kwargs = {k: v for k, v in extra.items() if v is not None}
     if drop_path:
         kwargs["drop_path_rate"] = drop_path

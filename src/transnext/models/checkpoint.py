@@ -34,7 +34,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint file into a dict, safely (``weights_only=True``)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -47,9 +47,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"corrupt or truncated checkpoint {path}: {e}") from e
     except Exception as e:  # pickle.UnpicklingError from the weights-only unpickler
-        raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors and plain "
-            f"containers, which weights_only=True will not unpickle ({e})") from e
+        if "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"refusing to load {path}: it holds objects other than tensors and plain "
+                f"containers, which weights_only=True will not unpickle ({e})") from e
+        # Any other unpickling failure: the bytes are not a checkpoint at all.
+        raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a checkpoint "
+                              f"({str(e).strip().splitlines()[-1][:200] if str(e) else e!r})"
+                              ) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj
@@ -122,14 +127,15 @@ def _check_variant(sd: dict, model: nn.Module, source: str) -> None:
             f"{variant_name(describe(model))}; create the model that matches the checkpoint")
 
 
-def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module,
+                         source: str = "the checkpoint") -> dict[str, torch.Tensor]:
     """timm's ``pretrained_filter_fn``: any supported layout -> this model's keys.
 
     The head and the input conv are left for timm to adapt (class count and
     ``in_chans`` changes); the variant is checked here.
     """
     sd = unwrap_state_dict(state_dict)
-    _check_variant(sd, model, "the checkpoint")
+    _check_variant(sd, model, source)
     keep = []
     for k, v in sd.items():
         m = _STAGE_KEY.match(k)
@@ -155,9 +161,17 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
 
     Returns the checkpoint dict (for metadata such as class names).
     """
-    net = getattr(model, "model", model)  # timm's FeatureGetterNet wraps the model
     obj = read_checkpoint(path)
-    sd = checkpoint_filter_fn(obj, net)
+    apply_checkpoint(model, obj, f"checkpoint {path}", strict=strict, drop_head=drop_head)
+    return obj
+
+
+def apply_checkpoint(model: nn.Module, obj: dict, source: str = "checkpoint",
+                     strict: bool = True, drop_head: bool = False) -> None:
+    """:func:`load_checkpoint` on a checkpoint dict already read; ``source`` names
+    it in error messages."""
+    net = getattr(model, "model", model)  # timm's FeatureGetterNet wraps the model
+    sd = checkpoint_filter_fn(obj, net, source)
     if drop_head:
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     own = net.state_dict()
@@ -169,7 +183,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
             parts.append(f"missing {len(missing)} key(s): {_summarise(missing)}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} key(s): {_summarise(unexpected)}")
-        raise CheckpointError(f"checkpoint {path} does not fit the model: " + "; ".join(parts))
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
     bad = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
            for k in sd if k in own and sd[k].shape != own[k].shape]
     if bad:
@@ -178,7 +192,6 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
             hint = " (a different class count: pass drop_head=True to fine-tune)"
         elif any(b.startswith("patch_embed1.proj.weight") for b in bad):
             hint = " (a different number of input channels)"
-        raise CheckpointError(f"checkpoint {path} has tensors of the wrong shape{hint}: "
+        raise CheckpointError(f"{source} has tensors of the wrong shape{hint}: "
                               f"{_summarise(bad, 4)}")
     net.load_state_dict(sd, strict=strict and not drop_head)
-    return obj
