@@ -200,6 +200,22 @@ def test_interpolate_mode_at_img_size_equals_extrapolate():
     assert torch.isfinite(y_itp).all() and (y_itp - y_ext).abs().max() > 1e-5
 
 
+def test_interpolate_mode_non_square_img_size():
+    # (height, width) must be used as such: at exactly that input size no resize
+    # happens, so interpolate equals extrapolate; swapped or collapsed sides would not.
+    ext = perturb(tiny(), 4)
+    itp = tiny(pos_bias="interpolate", img_size=(96, 64))
+    itp.load_state_dict(ext.state_dict())
+    assert itp.img_size == (96, 64)
+    x = torch.randn(1, 3, 96, 64)
+    torch.testing.assert_close(infer(itp, x), infer(ext, x), rtol=1e-6, atol=1e-6)
+    x_t = torch.randn(1, 3, 64, 96)  # the transposed size: the bias is resized here
+    assert (infer(itp, x_t) - infer(ext, x_t)).abs().max() > 1e-5
+    for bad in [(96, 0), (96,), "96", (96.0, 64), True]:
+        with pytest.raises(ValueError, match="img_size"):
+            tiny(pos_bias="interpolate", img_size=bad)
+
+
 def test_interpolate_mode_via_create_model():
     m = transnext.create_model("transnext_micro", pos_bias="interpolate", img_size=320,
                                num_classes=0).eval()

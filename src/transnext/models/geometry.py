@@ -117,7 +117,7 @@ def stage_geometry(
     pretrain_size: int,
     fixed_pool_size: int | None = None,
     pos_bias: str = "extrapolate",
-    img_size: int | None = None,
+    img_size: tuple[int, int] | None = None,
 ) -> StageGeometry:
     """Tables for stage ``stage`` (0-based) at a (H, W) map.
 
@@ -132,9 +132,10 @@ def stage_geometry(
     if pos_bias == "interpolate":
         if img_size is None:
             raise ValueError("pos_bias='interpolate' needs img_size")
-        s = stage_size(img_size, stage)
-        ref_q = (s, s)
-        ref_k = ref_q if sr_ratio == 1 else pool_size(s, s, sr_ratio, fixed_pool_size)
+        if isinstance(img_size, int):
+            img_size = (img_size, img_size)
+        ref_q = (stage_size(img_size[0], stage), stage_size(img_size[1], stage))
+        ref_k = ref_q if sr_ratio == 1 else pool_size(*ref_q, sr_ratio, fixed_pool_size)
         interp = (ref_q, ref_k) != ((H, W), pool)
     else:
         ref_q, ref_k, interp = (H, W), pool, False

@@ -252,7 +252,8 @@ class TransNeXt(nn.Module):
             position-bias coordinate normalisation (SPEC section 5).
         pos_bias: 'extrapolate' (bias built for the actual size) or
             'interpolate' (built at ``img_size``, resized bilinearly).
-        img_size: size the bias is built at in interpolate mode.
+        img_size: size the bias is built at in interpolate mode: an int, or
+            (height, width).
         fixed_pool_size: None, or an int for linear inference mode (every
             aggregated stage pools to fixed x fixed tokens).
     """
@@ -274,7 +275,7 @@ class TransNeXt(nn.Module):
         drop_path_rate: float = 0.0,
         pretrain_size: int = 224,
         pos_bias: str = "extrapolate",
-        img_size: int | None = None,
+        img_size: int | tuple[int, int] | None = None,
         fixed_pool_size: int | None = None,
         global_pool: str = "avg",
     ):
@@ -284,8 +285,7 @@ class TransNeXt(nn.Module):
         if pos_bias == "interpolate" and img_size is None:
             raise ValueError("pos_bias='interpolate' needs img_size (800 for the released "
                              "detection and segmentation models)")
-        if img_size is not None and (isinstance(img_size, (tuple, list))):
-            img_size = int(img_size[-1])
+        img_size = _check_img_size(img_size)
         if not isinstance(pretrain_size, int) or pretrain_size < 1:
             raise ValueError(f"pretrain_size must be a positive int, got {pretrain_size!r}")
         _check_pool(global_pool, num_classes)
@@ -458,6 +458,19 @@ def _check_pool(global_pool: str, num_classes: int) -> None:
     if global_pool == "" and num_classes > 0:
         raise ValueError("global_pool='' (no pooling) leaves a feature map; it needs "
                          "num_classes=0, since the classifier is applied to pooled features")
+
+
+def _check_img_size(size) -> int | tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 1:
+        return size
+    if (isinstance(size, (tuple, list)) and len(size) == 3):
+        size = tuple(size[1:])  # timm style (C, H, W)
+    if not (isinstance(size, (tuple, list)) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+        raise ValueError(f"img_size must be a positive int or (height, width), got {size!r}")
+    return tuple(size)
 
 
 def _check_pool_size(size) -> int | None:
