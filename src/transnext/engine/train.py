@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..models import CheckpointError, TransNeXt, checkpoint_filter_fn
 from . import checkpointing as ckpt
 from . import recipes
 from .distributed import (all_gather_object, all_reduce_sum, barrier, cleanup,
@@ -45,15 +46,11 @@ def load_pretrained(model, path: str) -> None:
     classifier when its class count differs from the model's."""
     obj = ckpt.read_file(path)
     sd = dict(ckpt.state_dict_of(obj))
-    try:
-        from ..models import checkpoint as mc  # the package's one key mapping
-        fn = getattr(mc, "checkpoint_filter_fn", None) or getattr(mc, "filter_state_dict", None)
-        if fn is not None:
-            sd = fn(sd, model)
-    except ImportError:
-        pass
-    except (ValueError, RuntimeError, KeyError) as e:  # the package's CheckpointError too
-        raise UserError(f"pretrained checkpoint {path} does not fit this model: {e}") from None
+    if isinstance(model, TransNeXt):  # the package's one key mapping (and variant check)
+        try:
+            sd = checkpoint_filter_fn(sd, model)
+        except CheckpointError as e:
+            raise UserError(f"pretrained checkpoint {path} does not fit this model: {e}") from None
     own = model.state_dict()
     head = {k for k, v in sd.items() if k in own and getattr(v, "shape", None) != own[k].shape
             and k.split(".")[0] in ("head", "fc", "classifier")}
