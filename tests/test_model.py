@@ -18,6 +18,7 @@ import spec_loops  # noqa: E402
 import transnext  # noqa: E402
 from transnext import TransNeXt  # noqa: E402
 from transnext.models import geometry  # noqa: E402
+from transnext import tables  # noqa: E402
 
 VARIANTS = ["transnext_micro", "transnext_tiny", "transnext_small", "transnext_base",
             "transnext_micro_aaaa"]
@@ -87,11 +88,11 @@ def test_one_tiny_instance_runs_every_size():
 def test_training_after_inference_mode_forward():
     """Evaluate under torch.inference_mode(), then train at the same size.
 
-    Fails today: geometry._CACHE keeps the coordinate tables built inside
-    inference_mode (inference tensors); the next forward with autograd feeds
-    them to F.linear in _PositionBias._compute_bias and PyTorch raises
+    The table cache (transnext.tables) once kept coordinate tables built inside
+    inference_mode (inference tensors); the next forward with autograd fed them
+    to F.linear in _PositionBias._compute_bias and PyTorch raised
     "Inference tensors cannot be saved for backward"."""
-    geometry._CACHE.clear()
+    tables._CACHE.clear()
     m = perturb(tiny(), 14)
     x = torch.randn(1, 3, 52, 44)
     try:
@@ -101,7 +102,7 @@ def test_training_after_inference_mode_forward():
         y = m(x)
         y.sum().backward()
     finally:
-        geometry._CACHE.clear()  # do not leave inference tensors to the other tests
+        tables._CACHE.clear()  # do not leave inference tensors to the other tests
     torch.testing.assert_close(y.detach(), ref, rtol=1e-6, atol=1e-6)
     assert m.block1[0].attn.cpb_fc1.weight.grad is not None
 
@@ -124,20 +125,24 @@ def test_geometry_tables_built_once_per_size(micro, monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(geometry, "_build_bias_coords", counting)
-    geometry._CACHE.clear()
+    tables._CACHE.clear()
     for mod in micro.modules():  # the per-module bias cache would skip the tables
         if hasattr(mod, "_bias_cache"):
             mod._bias_cache.clear()
+
+    def coord_entries():  # the shared cache also holds the op's masks and scales
+        return {k: v for k, v in tables._CACHE.items() if k[1].endswith("counting")}
+
     x = torch.randn(1, 3, 200, 168)
     y1 = infer(micro, x)
     # one table per stage (15 blocks in stage 3 share one), not one per block
     assert len(calls) == 4
-    assert len(geometry._CACHE) == 4
-    tables = {k: v for k, v in geometry._CACHE.items()}
+    assert len(coord_entries()) == 4
+    first = coord_entries()
     y2 = infer(micro, x)
     assert len(calls) == 4, "tables rebuilt on the second forward at the same size"
-    for k, v in geometry._CACHE.items():
-        assert v[0] is tables[k][0] and v[1] is tables[k][1]
+    for k, v in coord_entries().items():
+        assert v[0] is first[k][0] and v[1] is first[k][1]
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
     infer(micro, torch.randn(1, 3, 104, 120))
     assert len(calls) == 8

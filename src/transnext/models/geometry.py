@@ -1,9 +1,8 @@
 """Size-dependent tables of a stage: pool sizes and position-bias coordinates.
 
 Everything here depends only on integers (map size, pool size, pretrain grid)
-and a device, so results are cached per key and shared by every block of a
-stage. Under ``torch.compile`` the cache is bypassed and the tables are built
-in the graph (they constant-fold).
+and a device, so results are cached per key (``transnext.tables``) and shared
+by every block of a stage.
 """
 from __future__ import annotations
 
@@ -14,11 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..tables import cached
+
 POS_BIAS_MODES = ("extrapolate", "interpolate")
-
-_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
-_CACHE_LIMIT = 64
-
 
 def stage_size(size: int, stage: int) -> int:
     """Feature-map side at stage (0-based) for an input side: ceil(S/4), then ceil-halved."""
@@ -75,18 +72,8 @@ def _build_bias_coords(q_hw, k_hw, pretrain_hw, device) -> tuple[Tensor, Tensor]
 
 def bias_coords(q_hw, k_hw, pretrain_hw, device) -> tuple[Tensor, Tensor]:
     """Distinct log-spaced (dh, dw) pairs (U, 2) and the (Nq, Nk) index into them."""
-    if torch.compiler.is_compiling():
-        return _build_bias_coords(q_hw, k_hw, pretrain_hw, device)
-    key = (tuple(q_hw), tuple(k_hw), tuple(pretrain_hw), str(device))
-    hit = _CACHE.get(key)
-    if hit is None:
-        if len(_CACHE) >= _CACHE_LIMIT:
-            _CACHE.pop(next(iter(_CACHE)))
-        # Normal tensors even when first asked for inside inference_mode, so a
-        # later training forward at the same size can save them for backward.
-        with torch.inference_mode(False):
-            hit = _CACHE[key] = _build_bias_coords(q_hw, k_hw, pretrain_hw, device)
-    return hit
+    return cached(_build_bias_coords, tuple(q_hw), tuple(k_hw), tuple(pretrain_hw),
+                  torch.device(device))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..tables import cached
+
 
 def window_offsets(window: int) -> list[tuple[int, int]]:
     """Row-major (dy, dx) offsets of a w x w window, dy and dx in [-(w//2), w//2]."""
@@ -46,24 +48,6 @@ def local_valid_mask(H: int, W: int, window: int, device=None) -> Tensor:
         ok = (ys + dy >= 0) & (ys + dy < H) & (xs + dx >= 0) & (xs + dx < W)
         cols.append(ok.reshape(-1))
     return torch.stack(cols, dim=1)
-
-
-_TABLE_CACHE: dict[tuple, Tensor] = {}
-
-
-def _cached(fn, *args) -> Tensor:
-    """Per-size tables (mask, length scale), built once per size, device and dtype.
-    Under torch.compile they are built in the graph, where they constant-fold."""
-    if torch.compiler.is_compiling():
-        return fn(*args)
-    key = (fn.__name__,) + args
-    table = _TABLE_CACHE.get(key)
-    if table is None:
-        if len(_TABLE_CACHE) >= 256:
-            _TABLE_CACHE.clear()
-        with torch.inference_mode(False):  # reusable by a later training forward
-            table = _TABLE_CACHE[key] = fn(*args)
-    return table
 
 
 def _window(x_pad: Tensor, H: int, W: int, r: int, dy: int, dx: int) -> Tensor:
@@ -106,7 +90,7 @@ def aggregated_attention_reference(
     k_hat = F.normalize(k.to(f32), dim=-1)
     kp_hat = F.normalize(k_pool.to(f32), dim=-1)
     # softplus(temperature) * s(p), as (N, h, 1)
-    scale = F.softplus(temperature.to(f32)).view(1, h, 1) * _cached(
+    scale = F.softplus(temperature.to(f32)).view(1, h, 1) * cached(
         length_scale, H, W, window, P, q.device, f32).view(N, 1, 1)
     q_tilde = (q_hat + query_embedding.to(f32).view(h, d)) * scale
 
@@ -118,7 +102,7 @@ def aggregated_attention_reference(
         [torch.linalg.vecdot(q_grid, _window(k_pad, H, W, r, dy, dx)) for dy, dx in offsets],
         dim=-1,
     ).view(B, N, h, ww)
-    valid = _cached(local_valid_mask, H, W, window, q.device).view(N, 1, ww)
+    valid = cached(local_valid_mask, H, W, window, q.device).view(N, 1, ww)
     local_bias = rel_bias_local.to(f32).view(1, h, ww).masked_fill(~valid, float("-inf"))
     a_local = a_local + local_bias
 
