@@ -1,9 +1,12 @@
 """Atomic checkpoint files, RNG state capture, and reading weights for eval/predict."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +16,34 @@ from ..models import CheckpointError, TransNeXt, apply_checkpoint, read_checkpoi
 from .errors import UserError
 
 
+@contextlib.contextmanager
+def defer_sigint():
+    """Hold Ctrl-C until the block ends. An interrupt inside torch.save surfaces as a
+    RuntimeError from the zip writer, not KeyboardInterrupt, so the write is finished
+    first and the interrupt raised after it. A handler other than Python's default
+    (SIGINT ignored under nohup, or the caller's own) is left alone."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then os.replace:
-    a crash mid-write leaves the previous file intact."""
-    path = Path(path)
+    a crash mid-write leaves the previous file intact; Ctrl-C waits for the write."""
+    with defer_sigint():
+        _save_atomic(obj, Path(path))
+
+
+def _save_atomic(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
