@@ -45,6 +45,14 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+def _gelu_fresh(act: nn.Module, x: Tensor) -> Tensor:
+    """GELU of a tensor nobody else holds: in place when no graph is recorded. On the
+    CPU a fresh large buffer (page faults) costs several times the GELU itself."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return act(x)
+    return torch.ops.aten.gelu_(x)
+
+
 def _tokens_to_map(x: Tensor, H: int, W: int) -> Tensor:
     """(B, N, C) -> (B, C, H, W) as a channels_last view (no copy)."""
     return x.reshape(x.shape[0], H, W, x.shape[-1]).permute(0, 3, 1, 2)
@@ -91,8 +99,14 @@ class ConvolutionalGLU(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
-        gate, value = self.fc1(x).chunk(2, dim=-1)
-        gate = self.act(self.dwconv(gate, H, W))
+        # fc1 as two products on halves of its weight: the gate comes out contiguous, so the
+        # depthwise conv reads it as a channels_last map with no copy (a chunk of one
+        # product would be strided and copied first).
+        hidden = self.fc2.in_features
+        w, b = self.fc1.weight, self.fc1.bias
+        gate = F.linear(x, w[:hidden], b[:hidden])
+        value = F.linear(x, w[hidden:], b[hidden:])
+        gate = _gelu_fresh(self.act, self.dwconv(gate, H, W))
         # In place when no graph is recorded: a fresh large buffer costs more than the multiply.
         x = gate.mul_(value) if not torch.is_grad_enabled() else gate * value
         return self.drop(self.fc2(self.drop(x)))
@@ -183,7 +197,7 @@ class AggregatedAttention(_PositionBias):
         k, v = self.kv(x).reshape(B, N, 2, h, d).unbind(2)
 
         # The 1x1 `sr` conv is a per-token linear map: run it as one (faster on every backend).
-        y = self.act(F.linear(x, self.sr.weight.view(C, C), self.sr.bias))
+        y = _gelu_fresh(self.act, F.linear(x, self.sr.weight.view(C, C), self.sr.bias))
         pooled = F.adaptive_avg_pool2d(_tokens_to_map(y, H, W), geo.pool_hw)
         pooled = self.norm(_map_to_tokens(pooled))
         k_pool, v_pool = self.kv(pooled).reshape(B, geo.num_pool, 2, h, d).unbind(2)
