@@ -137,20 +137,11 @@ class _PositionBias(nn.Module):
         # another stride order for the gather.
         return bias.contiguous()
 
-    def _bias_params(self) -> tuple[Tensor, ...]:
-        return self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias
-
     def position_bias(self, geo: StageGeometry, device) -> Tensor:
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._bias_params())
-        if needs_grad:
+        params = (self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias)
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if needs_grad or torch.compiler.is_compiling():
             return self._compute_bias(geo, device)
-        return self._cached_bias(geo, device)
-
-    # Outside the graph under torch.compile too (one graph break per block): recomputing the
-    # bias MLP every call costs ~25 ms per transnext_tiny forward on a 2-core CPU.
-    @torch.compiler.disable
-    def _cached_bias(self, geo: StageGeometry, device) -> Tensor:
-        params = self._bias_params()
         key = (geo, str(device), tuple((p.data_ptr(), p._version) for p in params))
         bias = self._bias_cache.get(key)
         if bias is None:
