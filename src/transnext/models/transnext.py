@@ -70,6 +70,12 @@ class OverlapPatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-5)
 
     def forward(self, x: Tensor) -> tuple[Tensor, int, int]:
+        w = self.proj.weight
+        if (w.is_contiguous() and not x.is_contiguous() and w.numel() > x.numel()
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            # A channels_last map meeting a plain weight makes the conv convert the weight
+            # on every call (6 MB for patch_embed4); converting the smaller map is cheaper.
+            x = x.contiguous()
         x = self.proj(x)
         H, W = x.shape[-2:]
         return self.norm(_map_to_tokens(x)), H, W
