@@ -45,12 +45,16 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+def _may_overwrite() -> bool:
+    """True when no autograd graph is recorded (and no graph is being traced): a fresh
+    intermediate may then be overwritten. On the CPU a fresh large buffer (page faults)
+    costs several times an elementwise op on it."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def _gelu_fresh(act: nn.Module, x: Tensor) -> Tensor:
-    """GELU of a tensor nobody else holds: in place when no graph is recorded. On the
-    CPU a fresh large buffer (page faults) costs several times the GELU itself."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return act(x)
-    return torch.ops.aten.gelu_(x)
+    """GELU of a tensor nobody else holds, in place where allowed."""
+    return torch.ops.aten.gelu_(x) if _may_overwrite() else act(x)
 
 
 def _tokens_to_map(x: Tensor, H: int, W: int) -> Tensor:
@@ -113,8 +117,7 @@ class ConvolutionalGLU(nn.Module):
         gate = F.linear(x, w[:hidden], b[:hidden])
         value = F.linear(x, w[hidden:], b[hidden:])
         gate = _gelu_fresh(self.act, self.dwconv(gate, H, W))
-        # In place when no graph is recorded: a fresh large buffer costs more than the multiply.
-        x = gate.mul_(value) if not torch.is_grad_enabled() else gate * value
+        x = gate.mul_(value) if _may_overwrite() else gate * value
         return self.drop(self.fc2(self.drop(x)))
 
 
