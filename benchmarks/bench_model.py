@@ -14,6 +14,7 @@ Timings: warm-up, then the median of --repeats timed windows of --iters steps
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -64,15 +65,17 @@ def _timed(step, device: str, iters: int, repeats: int) -> float:
 
 
 def bench_one(name: str, size: int, batch: int, mode: str, compiled: bool, device: str,
-              warmup: int, iters: int, repeats: int) -> dict:
+              warmup: int, iters: int, repeats: int, compile_mode: str | None = None) -> dict:
     torch.manual_seed(0)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # reserved peak: this row's own
     model = _make(name, size, device)
     x = torch.randn(batch, 3, size, size, device=device)
     if device == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast(
         "cpu", enabled=False)
-    fwd = torch.compile(model) if compiled else model
+    fwd = torch.compile(model, mode=compile_mode) if compiled else model
     if mode == "train":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
@@ -96,12 +99,22 @@ def bench_one(name: str, size: int, batch: int, mode: str, compiled: bool, devic
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     sec = _timed(step, device, iters, repeats)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    peak = reserved = None
+    if device == "cuda":
+        # Allocated peak of the timed steps; under CUDA graphs (reduce-overhead) the graphs'
+        # memory pool is not counted as allocated, so the reserved peak (the whole run,
+        # warm-up and capture included: what the process holds) is the comparable number.
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        reserved = torch.cuda.max_memory_reserved() / 2**30
     del model, fwd
+    if compiled:
+        torch._dynamo.reset()  # frees compiled graphs and CUDA-graph pools before the next row
+    gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return dict(model=name, size=size, batch=batch, mode=mode, compiled=compiled,
-                img_per_s=batch / sec, ms_per_step=sec * 1000, peak_gib=peak)
+                compile_mode=compile_mode if compiled else None, img_per_s=batch / sec,
+                ms_per_step=sec * 1000, peak_gib=peak, reserved_gib=reserved)
 
 
 def main(argv=None) -> list[dict]:
@@ -111,6 +124,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--sizes", nargs="+", type=int, default=None)
     p.add_argument("--modes", nargs="+", default=None, choices=["train", "infer"])
     p.add_argument("--compile", choices=["eager", "compiled", "both"], default="eager")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for the compiled rows (e.g. reduce-overhead: CUDA "
+                        "graphs); default: torch's default")
     p.add_argument("--batch", type=int, default=None, help="override every batch size")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
@@ -151,7 +167,7 @@ def main(argv=None) -> list[dict]:
                     for name in models:
                         try:
                             r = bench_one(name, size, batch, mode, comp, dev, warmup, iters,
-                                          args.repeats)
+                                          args.repeats, args.compile_mode)
                         except Exception as e:  # OOM, or a baseline that rejects the size
                             msg = "out of memory" if isinstance(e, torch.OutOfMemoryError) \
                                 else f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
@@ -170,36 +186,53 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+def _mode(r: dict) -> str:
+    if not r["compiled"]:
+        return "eager"
+    return f"compiled ({r['compile_mode']})" if r.get("compile_mode") else "compiled"
+
+
+def _mem(r: dict) -> float | None:
+    """The row's memory figure: allocated peak, or reserved peak under CUDA graphs."""
+    if r.get("compile_mode") == "reduce-overhead":
+        return r.get("reserved_gib")
+    return r.get("peak_gib")
+
+
 def _print_row(r: dict) -> None:
     if "error" in r:
         print(f"  {r['model']:<30} {r['size']:>4} b{r['batch']:<4} {r['mode']:<5} "
-              f"{'compiled' if r['compiled'] else 'eager':<8} {r['error']}", flush=True)
+              f"{_mode(r):<8} {r['error']}", flush=True)
         return
-    mem = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else ""
+    mem = f"{r['peak_gib']:.1f} GiB (reserved {r['reserved_gib']:.1f})" \
+        if r["peak_gib"] is not None else ""
     print(f"  {r['model']:<30} {r['size']:>4} b{r['batch']:<4} {r['mode']:<5} "
-          f"{'compiled' if r['compiled'] else 'eager':<8} {r['img_per_s']:>9.1f} img/s "
+          f"{_mode(r):<8} {r['img_per_s']:>9.1f} img/s "
           f"{r['ms_per_step']:>8.1f} ms {mem}", flush=True)
 
 
 def _print_table(rows: list[dict], env: dict) -> None:
-    """Rows plus each TransNeXt row's ratio to convnext_tiny in the same setting."""
+    """Rows plus each TransNeXt row's ratio to convnext_tiny in the same setting. Memory:
+    allocated peak, except under CUDA graphs (reduce-overhead): reserved peak, marked 'r'."""
     print(f"\n{env}")
-    print(f"| model | size | batch | mode | compile | img/s | peak GiB | vs convnext_tiny |")
+    print("| model | size | batch | mode | compile | img/s | peak GiB | vs convnext_tiny |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             continue
         base = [b for b in rows if b["model"] == "convnext_tiny" and "error" not in b
-                and all(b[k] == r[k] for k in ("size", "batch", "mode", "compiled"))]
+                and all(b[k] == r[k] for k in ("size", "batch", "mode", "compiled"))
+                and b.get("compile_mode") == r.get("compile_mode")]
         ratio = ""
         if base and r["model"] != "convnext_tiny":
             ratio = f"{r['img_per_s'] / base[0]['img_per_s']:.2f}x"
-            if r["peak_gib"] and base[0]["peak_gib"]:
-                ratio += f", mem {r['peak_gib'] / base[0]['peak_gib']:.2f}x"
-        mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+            if _mem(r) and _mem(base[0]):
+                ratio += f", mem {_mem(r) / _mem(base[0]):.2f}x"
+        mem = "-" if _mem(r) is None else f"{_mem(r):.1f}"
+        if r.get("compile_mode") == "reduce-overhead" and _mem(r) is not None:
+            mem += " r"
         print(f"| {r['model']} | {r['size']} | {r['batch']} | {r['mode']} | "
-              f"{'yes' if r['compiled'] else 'no'} | {r['img_per_s']:.1f} | {mem} | {ratio} |")
-
+              f"{_mode(r)} | {r['img_per_s']:.1f} | {mem} | {ratio} |")
 
 if __name__ == "__main__":
     main()

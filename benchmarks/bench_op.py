@@ -123,10 +123,8 @@ def bench_one(shape, backend, do_bench):
     return res
 
 
-def kernel_profile(shape):
-    """Per-kernel CUDA time of one triton forward+backward (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
+def _fwd_bwd_step(shape):
+    """A closure running one Triton forward+backward at ``shape`` (bf16)."""
     B, H, W, C, h, d, P = (shape[k] for k in ("B", "H", "W", "C", "h", "d", "P"))
     leaves, views = make_inputs(B, H, W, C, h, d, P)
     gout = torch.randn(B, H * W, h, d, device="cuda", dtype=torch.bfloat16)
@@ -134,74 +132,93 @@ def kernel_profile(shape):
     def step():
         out = aggregated_attention(*views(), H, W, 3, backend="triton")
         return torch.autograd.grad(out, leaves, gout)
+
+    return step
+
+
+def _kernel_times(step, iters: int = 5) -> dict:
+    """Device ms per call of each CUDA kernel that ``step`` launches (torch.profiler).
+    Kernel time, not wall time: at small shapes the op is host-bound and a wall-clock
+    sweep would time the host."""
+    from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
+        for _ in range(iters):
             step()
         torch.cuda.synchronize()
-    tot = {}
+    tot: dict = {}
     for e in prof.events():
         if e.device_type.name == "CUDA":
-            tot[e.name] = tot.get(e.name, 0.0) + e.device_time / 5 / 1000
+            tot[e.name] = tot.get(e.name, 0.0) + e.device_time / iters / 1000
+    return tot
+
+
+def kernel_profile(shape):
+    """Per-kernel CUDA time of one triton forward+backward."""
+    tot = _kernel_times(_fwd_bwd_step(shape))
     for name, ms in sorted(tot.items(), key=lambda x: -x[1])[:12]:
         print(f"   {ms:8.3f} ms  {name[:90]}")
 
 
-def tune(shape, do_bench):
-    """Greedy per-kernel sweep of launch configs, timing the whole fwd+bwd."""
+# Launch configurations swept by --tune, per kernel (merged over tk.TUNE's entry).
+TUNE_SPACE = {
+    "fwd": [dict(BLOCK_N=bn, BLOCK_P=bp, num_warps=w) for bn, bp, w in
+            [(64, 32, 4), (32, 32, 4), (32, 32, 2), (16, 32, 2), (16, 64, 2), (32, 64, 4),
+             (64, 64, 4), (128, 32, 8)]],
+    "bwd_q": [dict(BLOCK_N=bn, BLOCK_P=bp, num_warps=w, programs_per_sm=g, ONE_PB_MAX=o)
+              for bn, bp, w, g, o in
+              [(32, 32, 2, 32, 0), (16, 32, 2, 32, 0), (16, 64, 2, 32, 64), (32, 64, 4, 32, 64),
+               (32, 32, 2, 8, 0), (32, 32, 2, 64, 0), (32, 32, 4, 32, 0), (64, 32, 4, 32, 0)]],
+    "bwd_kv_local": [dict(BLOCK_N=bn, num_warps=w) for bn, w in
+                     [(32, 4), (16, 2), (32, 2), (64, 4), (64, 8), (128, 8)]],
+    "bwd_kv_pool": [dict(BLOCK_N=bn, BLOCK_P=bp, num_warps=w, programs_per_sm=g)
+                    for bn, bp, w, g in
+                    [(64, 64, 4, 8), (32, 64, 4, 8), (64, 32, 4, 8), (32, 32, 2, 8),
+                     (128, 64, 8, 8), (64, 64, 8, 8)]],
+}
+KERNEL_NAMES = {"fwd": "_fwd_kernel", "bwd_q": "_bwd_q_kernel",
+                "bwd_kv_local": "_bwd_kv_local_kernel", "bwd_kv_pool": "_bwd_kv_pool_kernel"}
+
+
+def tune(shape) -> dict:
+    """Per-kernel sweep of launch configs at one shape, each kernel timed by its own device
+    time (the four are independent: each reads only the forward's outputs and delta).
+    Returns {kernel: {"best": cfg, "ms": best ms, "base_ms": ms of the current entry}}."""
     from transnext.ops import triton_kernels as tk
 
-    B, H, W, C, h, d, P = (shape[k] for k in ("B", "H", "W", "C", "h", "d", "P"))
-    leaves, views = make_inputs(B, H, W, C, h, d, P)
-    gout = torch.randn(B, H * W, h, d, device="cuda", dtype=torch.bfloat16)
-
-    def step():
-        out = aggregated_attention(*views(), H, W, 3, backend="triton")
-        return torch.autograd.grad(out, leaves, gout)
-
-    space = {
-        "fwd": [dict(BLOCK_N=bn, BLOCK_P=bp, num_warps=w) for bn, bp, w in
-                [(64, 32, 4), (64, 32, 8), (128, 32, 8), (32, 32, 4), (64, 64, 8), (128, 64, 8)]],
-        "bwd_kv_local": [dict(BLOCK_N=bn, num_warps=w) for bn, w in
-                         [(32, 4), (64, 4), (64, 8), (128, 8), (32, 2)]],
-        "bwd_q": [dict(BLOCK_N=bn, BLOCK_P=bp, num_warps=w, programs_per_sm=g, ONE_PB_MAX=o)
-                  for bn, bp, w, g, o in
-                  [(32, 32, 2, 16, 0), (32, 32, 2, 16, 64), (32, 32, 4, 16, 64), (64, 32, 4, 8, 64),
-                   (32, 32, 2, 32, 0), (16, 32, 2, 16, 0)]],
-        "bwd_kv_pool": [dict(BLOCK_N=bn, BLOCK_P=bp, num_warps=w, programs_per_sm=g)
-                        for bn, bp, w, g in
-                        [(128, 64, 8, 1), (128, 64, 8, 4), (128, 64, 8, 8), (64, 64, 4, 8),
-                         (128, 128, 8, 4)]],
-    }
+    step = _fwd_bwd_step(shape)
     result = {}
     only = os.environ.get("TUNE_KERNELS")
-    for name, variants in space.items():
+    for name, variants in TUNE_SPACE.items():
         if only and name not in only.split(","):
             continue
         base = dict(tk.TUNE[name])
-        best = (float("inf"), base)
+        timings = []
         for var in variants:
             tk.TUNE[name] = dict(base, **var)
             try:
-                ms = do_bench(step, warmup=10, rep=60, return_mode="median")
-            except Exception as e:  # noqa: BLE001
+                ms = _kernel_times(step).get(KERNEL_NAMES[name], float("nan"))
+            except Exception as e:  # noqa: BLE001  (a config that does not compile)
                 print(f"   {name} {var}: failed {type(e).__name__}: {str(e)[:100]}")
                 continue
-            print(f"   {name} {var}: {ms:.3f} ms", flush=True)
-            if ms < best[0]:
-                best = (ms, dict(tk.TUNE[name]))
-        tk.TUNE[name] = best[1]
-        result[name] = best[1]
-        print(f"-> {name}: {best[1]} {best[0]:.3f} ms", flush=True)
+            print(f"   {name} {var}: {ms:.4f} ms", flush=True)
+            timings.append((ms, var))
+        tk.TUNE[name] = base
+        best_ms, best = min(timings, key=lambda t: t[0])
+        base_ms = timings[0][0]  # the first variant is the current entry
+        result[name] = dict(best=best, ms=best_ms, base_ms=base_ms)
+        print(f"-> {name}: {best} {best_ms:.4f} ms (current {base_ms:.4f})", flush=True)
     return result
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tune", action="store_true", help="profile + sweep launch configs")
+    ap.add_argument("--tune", action="store_true",
+                    help="sweep launch configs per kernel at every stage shape")
+    ap.add_argument("--tune-out", default=None, help="with --tune: write the sweep's JSON here")
     ap.add_argument("--profile", action="store_true", help="per-kernel times, every shape")
     ap.add_argument("--out", default="benchmarks/results/op.json")
     ap.add_argument("--backends", default="triton,reference")
@@ -217,14 +234,16 @@ def main():
                 kernel_profile(shp)
         return
     if args.tune:
+        found = {}
         for label, batch, img in SETTINGS:
             if label not in args.settings.split(","):
                 continue
-            shp = stage_shapes(batch, img)[0]
-            print(f"== {label} stage 1 {shp}")
-            kernel_profile(shp)
-            print(json.dumps(tune(shp, do_bench)))
-            kernel_profile(shp)
+            for shp in stage_shapes(batch, img):
+                print(f"== {label} stage {shp['stage']} {shp}", flush=True)
+                found[f"{label}/stage{shp['stage']}"] = dict(shape=shp, kernels=tune(shp))
+        if args.tune_out:
+            with open(args.tune_out, "w") as f:
+                json.dump(found, f, indent=1)
         return
     rows = []
     for label, batch, img in SETTINGS:

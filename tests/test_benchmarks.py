@@ -1,0 +1,52 @@
+"""The benchmark scripts run end to end (on the CPU, tiny sizes) and write what they promise."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str]) -> str:
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r.stdout
+
+
+def test_bench_model_writes_rows_and_ratio(tmp_path):
+    out = tmp_path / "model.json"
+    stdout = _run(["benchmarks/bench_model.py", "--device", "cpu", "--models", "transnext_micro",
+                   "convnext_tiny", "--sizes", "32", "--batch", "2", "--warmup", "1",
+                   "--iters", "1", "--repeats", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    rows = {r["model"]: r for r in data["rows"]}
+    assert set(rows) == {"transnext_micro", "convnext_tiny"}
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["img_per_s"] > 0 and r["batch"] == 2 and r["size"] == 32
+        assert r["compiled"] is False and r["peak_gib"] is None  # no CUDA memory on the CPU
+    # the table gives TransNeXt's ratio to convnext_tiny measured in this run
+    line = next(x for x in stdout.splitlines() if x.startswith("| transnext_micro"))
+    ratio = rows["transnext_micro"]["img_per_s"] / rows["convnext_tiny"]["img_per_s"]
+    assert f"{ratio:.2f}x" in line
+
+
+def test_bench_model_reports_a_failing_model_as_a_row(tmp_path):
+    out = tmp_path / "model.json"
+    _run(["benchmarks/bench_model.py", "--device", "cpu", "--models", "transnext_femto",
+          "--sizes", "32", "--batch", "1", "--warmup", "1", "--iters", "1", "--repeats", "1",
+          "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "1 input channels" in row["error"]  # femto takes 1-channel images
+
+
+def test_profile_model_writes_step_time_and_table(tmp_path):
+    out = tmp_path / "prof.txt"
+    _run(["benchmarks/profile_model.py", "--model", "transnext_micro", "--batch", "1",
+          "--size", "32", "--rows", "5", "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith("step: ") and "ms to enqueue on the host" in text
+    assert "aten::" in text and "Self CPU" in text
