@@ -30,6 +30,11 @@ except Exception:  # pragma: no cover
     HAVE_TRITON = False
 
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton not importable")
+if HAVE_TRITON and not CUDA:
+    from triton_env import interpreter_problem
+
+    if interpreter_problem():  # the CPU cases need the interpreter
+        pytestmark = pytest.mark.skip(reason=interpreter_problem())
 
 
 def _interp_in_process() -> bool:
