@@ -117,6 +117,24 @@ def bench_one(name: str, size: int, batch: int, mode: str, compiled: bool, devic
                 ms_per_step=sec * 1000, peak_gib=peak, reserved_gib=reserved)
 
 
+def check_backends(name: str, size: int, device: str) -> dict:
+    """Whole-model check before timing: the Triton attention backend against the reference
+    (logits and every parameter gradient; bf16 autocast on the GPU, fp32 on the CPU, where
+    the kernels run only under TRITON_INTERPRET=1)."""
+    from transnext.tools.backend_check import compare_backends
+
+    torch.manual_seed(0)
+    model = _make(name, size, device)
+    x = torch.randn(4 if device == "cuda" else 1, 3, size, size, device=device)
+    amp = torch.bfloat16 if device == "cuda" else None
+    err = compare_backends(model, x, "triton", amp)
+    tol = 3e-2 if amp is not None else 5e-3
+    ok = err["logits"] < tol and err["grad"] < tol
+    del model
+    return dict(model=name, size=size, batch=x.shape[0], dtype=str(amp or torch.float32),
+                tol=tol, ok=ok, **err)
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -132,6 +150,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--check", action="store_true",
+                   help="first compare each TransNeXt model's Triton backend with the reference "
+                        "(logits and gradients); exit 1 if one is off")
     p.add_argument("--out", default="benchmarks/results/model.json")
     args = p.parse_args(argv)
 
@@ -159,6 +180,15 @@ def main(argv=None) -> list[dict]:
             return [16]
         return [128] if mode == "train" else [256]
 
+    checks = []
+    if args.check:
+        for name in models:
+            if name.startswith("transnext"):
+                c = check_backends(name, sizes[0], dev)
+                checks.append(c)
+                print(f"  check {name} {c['size']}px {c['dtype']}: logits {c['logits']:.2e}, "
+                      f"worst grad {c['grad']:.2e} ({c['worst_param']}), tol {c['tol']:.0e}: "
+                      f"{'ok' if c['ok'] else 'FAILED'}", flush=True)
     rows = []
     for size in sizes:
         for mode in modes:
@@ -182,7 +212,9 @@ def main(argv=None) -> list[dict]:
                python=platform.python_version())
     _print_table(rows, env)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(env=env, rows=rows), indent=2))
+    Path(args.out).write_text(json.dumps(dict(env=env, rows=rows, checks=checks), indent=2))
+    if not all(c["ok"] for c in checks):
+        sys.exit("a backend check failed: the Triton backend disagrees with the reference")
     return rows
 
 

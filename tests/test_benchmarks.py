@@ -50,3 +50,27 @@ def test_profile_model_writes_step_time_and_table(tmp_path):
     text = out.read_text()
     assert text.startswith("step: ") and "ms to enqueue on the host" in text
     assert "aten::" in text and "Self CPU" in text
+
+
+def test_bench_model_check_compares_triton_with_reference(tmp_path):
+    """--check runs the Triton backend (interpreter on the CPU) against the reference."""
+    import os
+
+    import pytest
+
+    pytest.importorskip("triton")
+    from triton_env import interpreter_problem
+
+    if interpreter_problem():
+        pytest.skip(interpreter_problem())
+    out = tmp_path / "model.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "benchmarks/bench_model.py", "--device", "cpu",
+                        "--models", "transnext_micro", "--sizes", "32", "--batch", "1",
+                        "--warmup", "1", "--iters", "1", "--repeats", "1", "--check",
+                        "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (check,) = json.loads(out.read_text())["checks"]
+    assert check["ok"] and check["model"] == "transnext_micro"
+    assert 0 < check["grad"] < 1e-3 and check["logits"] < 1e-4  # compared, and close

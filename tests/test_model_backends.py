@@ -19,6 +19,7 @@ def compare_backends(device: str, size: tuple[int, int], batch: int, dtype=torch
                      seed: int = 0) -> dict:
     """Max relative errors (logits, worst parameter gradient) of triton vs reference."""
     from transnext.models.transnext import TransNeXt
+    from transnext.tools.backend_check import compare_backends as compare
 
     torch.manual_seed(seed)
     # Small but complete: aggregated stages with several pool sizes, odd map sizes,
@@ -33,30 +34,7 @@ def compare_backends(device: str, size: tuple[int, int], batch: int, dtype=torch
                                        "temperature")):
                 p.normal_(0.0, 0.5)
     x = torch.randn(batch, 3, *size, device=device)
-    results = {}
-    for backend in ("reference", "triton"):
-        os.environ["TRANSNEXT_ATTN_BACKEND"] = backend
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(x)
-        logits.float().square().mean().backward()
-        results[backend] = (logits.detach().float(),
-                            {n: p.grad.detach().float() for n, p in model.named_parameters()})
-    os.environ.pop("TRANSNEXT_ATTN_BACKEND")
-
-    ref_logits, ref_grads = results["reference"]
-    tri_logits, tri_grads = results["triton"]
-    # Some gradients are zero analytically (a per-head constant added to every logit
-    # of a softmax row cancels), so errors are measured against a floor tied to the
-    # whole gradient's scale rather than to each tensor's own tiny norm.
-    floor = 1e-3 * torch.stack([g.norm() for g in ref_grads.values()]).max()
-
-    def rel(a, b):
-        return ((a - b).norm() / torch.maximum(b.norm(), floor)).item()
-
-    worst = max(ref_grads, key=lambda n: rel(tri_grads[n], ref_grads[n]))
-    return {"logits": rel(tri_logits, ref_logits),
-            "grad": rel(tri_grads[worst], ref_grads[worst]), "worst_param": worst}
+    return compare(model, x, "triton", None if dtype == torch.float32 else dtype)
 
 
 def _run_child() -> dict:
@@ -84,6 +62,31 @@ def test_whole_model_triton_matches_reference_cpu_interpreter():
 def test_whole_model_triton_matches_reference_cuda(dtype, tol):
     err = compare_backends("cuda", (224, 224), 4, dtype)
     assert err["logits"] < tol and err["grad"] < tol, err
+
+
+
+class _EnvScaled(torch.nn.Module):
+    """Its output depends on the selected backend: a stand-in for a broken backend."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        scale = 1.5 if os.environ.get("TRANSNEXT_ATTN_BACKEND") == "triton" else 1.0
+        return x * self.w * scale
+
+
+def test_backend_check_reports_a_disagreeing_backend_and_restores_the_env(monkeypatch):
+    from transnext.tools.backend_check import compare_backends as compare
+
+    monkeypatch.setenv("TRANSNEXT_ATTN_BACKEND", "auto")
+    err = compare(_EnvScaled(), torch.ones(2, 3), "triton")
+    assert err["logits"] == pytest.approx(0.5) and err["grad"] == pytest.approx(1.25)
+    assert err["worst_param"] == "w"
+    assert os.environ["TRANSNEXT_ATTN_BACKEND"] == "auto"
+    same = compare(_EnvScaled(), torch.ones(2, 3), "reference")
+    assert same["logits"] == 0.0 and same["grad"] == 0.0
 
 
 if __name__ == "__main__":
