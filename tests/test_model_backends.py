@@ -87,6 +87,10 @@ def test_backend_check_reports_a_disagreeing_backend_and_restores_the_env(monkey
     assert os.environ["TRANSNEXT_ATTN_BACKEND"] == "auto"
     same = compare(_EnvScaled(), torch.ones(2, 3), "reference")
     assert same["logits"] == 0.0 and same["grad"] == 0.0
+    # under autocast both are also measured against the fp32 reference
+    amp = compare(_EnvScaled(), torch.ones(2, 3), "triton", torch.bfloat16)
+    assert amp["vs_fp32"]["backend"]["logits"] == pytest.approx(0.5)
+    assert amp["vs_fp32"]["reference"]["logits"] == 0.0  # autocast leaves a mul in fp32
 
 
 if __name__ == "__main__":

@@ -33,24 +33,38 @@ def _run(model: nn.Module, x: torch.Tensor, backend: str, amp_dtype) -> tuple:
     return logits.detach().float(), grads
 
 
-def compare_backends(model: nn.Module, x: torch.Tensor, backend: str = "triton",
-                     amp_dtype: torch.dtype | None = None) -> dict:
-    """{"logits": rel. error, "grad": worst rel. error over parameters, "worst_param": name}.
-
-    Some gradients are analytically zero (a per-head constant added to every logit of a
-    softmax row cancels), so each error is measured against a floor tied to the largest
-    gradient's norm rather than to each tensor's own, possibly tiny, norm.
-    """
-    ref_logits, ref_grads = _run(model, x, "reference", amp_dtype)
-    new_logits, new_grads = _run(model, x, backend, amp_dtype)
-    if set(new_grads) != set(ref_grads):
-        missing = sorted(set(ref_grads) ^ set(new_grads))
-        raise RuntimeError(f"backend {backend!r} left these gradients unset or extra: {missing}")
+def _errors(logits, grads, ref_logits, ref_grads) -> dict:
+    # Some gradients are analytically zero (a per-head constant added to every logit of a
+    # softmax row cancels): each error is measured against a floor tied to the largest
+    # gradient's norm rather than to each tensor's own, possibly tiny, norm.
     floor = 1e-3 * torch.stack([g.norm() for g in ref_grads.values()]).max()
 
     def rel(a, b):
         return ((a - b).norm() / torch.maximum(b.norm(), floor)).item()
 
-    worst = max(ref_grads, key=lambda n: rel(new_grads[n], ref_grads[n]))
-    return {"logits": rel(new_logits, ref_logits), "grad": rel(new_grads[worst], ref_grads[worst]),
+    worst = max(ref_grads, key=lambda n: rel(grads[n], ref_grads[n]))
+    return {"logits": rel(logits, ref_logits), "grad": rel(grads[worst], ref_grads[worst]),
             "worst_param": worst}
+
+
+def compare_backends(model: nn.Module, x: torch.Tensor, backend: str = "triton",
+                     amp_dtype: torch.dtype | None = None) -> dict:
+    """Relative errors of ``backend`` against the reference at the same precision:
+    {"logits", "grad" (the worst parameter's), "worst_param"}.
+
+    With ``amp_dtype`` (e.g. bf16 autocast) both are also compared with the reference in
+    fp32, under "vs_fp32": {"backend": {...}, "reference": {...}}. Low-precision error
+    grows with depth, so what shows a backend right is that its error against fp32 is of
+    the size of the reference's own.
+    """
+    ref_logits, ref_grads = _run(model, x, "reference", amp_dtype)
+    new_logits, new_grads = _run(model, x, backend, amp_dtype)
+    if set(new_grads) != set(ref_grads):
+        odd = sorted(set(ref_grads) ^ set(new_grads))
+        raise RuntimeError(f"backend {backend!r} left these gradients unset or extra: {odd}")
+    out = _errors(new_logits, new_grads, ref_logits, ref_grads)
+    if amp_dtype is not None:
+        exact = _run(model, x, "reference", None)
+        out["vs_fp32"] = {"backend": _errors(new_logits, new_grads, *exact),
+                          "reference": _errors(ref_logits, ref_grads, *exact)}
+    return out
