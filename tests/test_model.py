@@ -704,3 +704,50 @@ def test_invalid_pos_bias_and_interpolate_without_img_size():
         tiny(pos_bias="interpolate")
     with pytest.raises(ValueError, match=r"interpolate.*img_size"):
         transnext.create_model("transnext_micro", pos_bias="interpolate")
+
+
+# ---- convolutional GLU: recompute in the backward ------------------------------
+
+def _glu_held_after_forward(recompute: bool) -> tuple[int, dict]:
+    """Bytes the CPU allocator still holds after a training forward (what the backward
+    keeps, plus the output), and the gradients."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from transnext.models.transnext import ConvolutionalGLU
+
+    torch.manual_seed(0)
+    m = perturb(ConvolutionalGLU(32, 8, recompute=recompute), 3).train()
+    x = torch.randn(2, 40 * 40, 32, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y = m(x, 40, 40)
+    held = sum(e.self_cpu_memory_usage for e in prof.events())
+    y.square().mean().backward()
+    return held, {"x": x.grad, **{n: p.grad for n, p in m.named_parameters()}}
+
+
+def test_glu_recompute_same_gradients_less_memory():
+    held_plain, g_plain = _glu_held_after_forward(False)
+    held_rec, g_rec = _glu_held_after_forward(True)
+    for n in g_plain:
+        torch.testing.assert_close(g_rec[n], g_plain[n], rtol=1e-6, atol=1e-7, msg=n)
+    # five hidden-width tensors kept (gate, conv out, GELU out, value, product) against three
+    hidden_bytes = 2 * 40 * 40 * int(2 * 32 * 8 / 3) * 4
+    assert held_plain - held_rec >= 1.9 * hidden_bytes, (held_plain, held_rec)
+
+
+def test_glu_recompute_model_level_switch_and_compile():
+    torch._dynamo.reset()
+    off = perturb(tiny(glu_recompute=False), 13).train()
+    m = tiny(glu_recompute=True).train()
+    m.load_state_dict(off.state_dict())
+    assert all(b.mlp.recompute for b in m.block1) and not off.block1[0].mlp.recompute
+    x = torch.randn(2, 3, 40, 40)
+    grads = []
+    for model in (off, m):
+        model(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    torch.compile(m, backend="aot_eager")(x).square().sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+        torch.testing.assert_close(p.grad, grads[0][n], rtol=1e-4, atol=1e-6, msg=n)

@@ -97,9 +97,15 @@ class DWConv(nn.Module):
 
 
 class ConvolutionalGLU(nn.Module):
-    """SPEC section 6: fc1 -> (gate, value); fc2(gelu(dwconv(gate)) * value)."""
+    """SPEC section 6: fc1 -> (gate, value); fc2(gelu(dwconv(gate)) * value).
 
-    def __init__(self, dim: int, mlp_ratio: float, drop: float = 0.0):
+    ``recompute`` (training only): keep just the gate and the value for the backward and
+    recompute the depthwise conv, GELU and product there. Their outputs are the GLU's
+    widest tensors (2/3 * mlp_ratio * dim channels at every token), so this drops two of
+    the five activations the GLU would keep, for one more depthwise conv per backward.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float, drop: float = 0.0, recompute: bool = True):
         super().__init__()
         hidden = int(2 * int(dim * mlp_ratio) / 3)
         self.fc1 = nn.Linear(dim, hidden * 2)
@@ -107,6 +113,11 @@ class ConvolutionalGLU(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
+        self.recompute = recompute
+
+    def _gated(self, gate: Tensor, value: Tensor, H: int, W: int) -> Tensor:
+        gate = _gelu_fresh(self.act, self.dwconv(gate, H, W))
+        return gate.mul_(value) if _may_overwrite() else gate * value
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
         # fc1 as two products on halves of its weight: the gate comes out contiguous, so the
@@ -116,8 +127,11 @@ class ConvolutionalGLU(nn.Module):
         w, b = self.fc1.weight, self.fc1.bias
         gate = F.linear(x, w[:hidden], b[:hidden])
         value = F.linear(x, w[hidden:], b[hidden:])
-        gate = _gelu_fresh(self.act, self.dwconv(gate, H, W))
-        x = gate.mul_(value) if _may_overwrite() else gate * value
+        if self.recompute and self.training and torch.is_grad_enabled() and (
+                gate.requires_grad or value.requires_grad):
+            x = checkpoint(self._gated, gate, value, H, W, use_reentrant=False)
+        else:
+            x = self._gated(gate, value, H, W)
         return self.drop(self.fc2(self.drop(x)))
 
 
@@ -250,7 +264,7 @@ class Attention(_PositionBias):
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, sr_ratio: int,
                  window_size: int = 3, qkv_bias: bool = True, proj_drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0):
+                 attn_drop: float = 0.0, drop_path: float = 0.0, glu_recompute: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if sr_ratio == 1:
@@ -260,7 +274,7 @@ class Block(nn.Module):
                 dim, num_heads, sr_ratio, window_size, qkv_bias, attn_drop, proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = ConvolutionalGLU(dim, mlp_ratio, proj_drop)
+        self.mlp = ConvolutionalGLU(dim, mlp_ratio, proj_drop, glu_recompute)
 
     def forward(self, x: Tensor, H: int, W: int, geo: StageGeometry) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), H, W, geo))
@@ -279,6 +293,9 @@ class TransNeXt(nn.Module):
             (height, width).
         fixed_pool_size: None, or an int for linear inference mode (every
             aggregated stage pools to fixed x fixed tokens).
+        glu_recompute: in training, recompute each convolutional GLU's depthwise
+            conv, GELU and gate product in the backward instead of keeping them
+            (less activation memory, same numbers; see ``ConvolutionalGLU``).
     """
 
     def __init__(
@@ -301,6 +318,7 @@ class TransNeXt(nn.Module):
         img_size: int | tuple[int, int] | None = None,
         fixed_pool_size: int | None = None,
         global_pool: str = "avg",
+        glu_recompute: bool = True,
     ):
         super().__init__()
         if pos_bias not in POS_BIAS_MODES:
@@ -338,7 +356,7 @@ class TransNeXt(nn.Module):
                 in_chans if i == 0 else embed_dims[i - 1], embed_dims[i]))
             setattr(self, f"block{i + 1}", nn.ModuleList([
                 Block(embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i], window_size,
-                      qkv_bias, proj_drop_rate, attn_drop_rate, dpr[cur + j])
+                      qkv_bias, proj_drop_rate, attn_drop_rate, dpr[cur + j], glu_recompute)
                 for j in range(depths[i])]))
             setattr(self, f"norm{i + 1}", nn.LayerNorm(embed_dims[i], eps=1e-6))
             cur += depths[i]
