@@ -751,3 +751,55 @@ def test_glu_recompute_model_level_switch_and_compile():
     for n, p in m.named_parameters():
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
         torch.testing.assert_close(p.grad, grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ---- autocast: one 16-bit copy of a LayerNorm output for its Linears ------------
+
+def _block_step_under_autocast(share: bool, compile_backend: str | None = None):
+    """A Block fed an fp32 residual under bf16 autocast (as on CUDA, where LayerNorm
+    returns fp32): distinct saved storages in bytes, output, input and parameter grads."""
+    import transnext.models.transnext as T
+
+    orig = T._cast_for_linears
+    if not share:
+        T._cast_for_linears = lambda x, n: (x,) * n
+    try:
+        torch.manual_seed(0)
+        blk = perturb(T.Block(32, 2, 4, 2, glu_recompute=False), 1).train()
+        H = W = 12
+        geo = T.stage_geometry(H, W, 2, 2, 224, None, "extrapolate", None)
+        x = torch.randn(2, H * W, 32, requires_grad=True)
+        fn = blk if compile_backend is None else torch.compile(blk, backend=compile_backend)
+        saved = {}
+
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = fn(x, H, W, geo)
+        y.float().square().sum().backward()
+        grads = {n: p.grad for n, p in blk.named_parameters()}
+        return sum(saved.values()), y.detach(), x.grad, grads
+    finally:
+        T._cast_for_linears = orig
+
+
+def test_linears_share_one_16bit_copy_under_autocast_same_numbers():
+    bytes_sep, y_sep, gx_sep, g_sep = _block_step_under_autocast(False)
+    bytes_one, y_one, gx_one, g_one = _block_step_under_autocast(True)
+    copy = 2 * 12 * 12 * 32 * 2  # one bf16 copy of the (2, 144, 32) norm output
+    assert bytes_sep - bytes_one >= 3 * copy  # q/kv/sr share one; so do the GLU's two halves
+    assert torch.equal(y_one, y_sep)
+    assert torch.equal(gx_one, gx_sep)  # gradients still summed in fp32
+    for n in g_sep:
+        assert torch.equal(g_one[n], g_sep[n]), n
+
+
+def test_linears_share_one_16bit_copy_under_compile():
+    torch._dynamo.reset()
+    _, y_ref, gx_ref, g_ref = _block_step_under_autocast(True)
+    _, y, gx, g = _block_step_under_autocast(True, "aot_eager")
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gx, gx_ref, rtol=2e-2, atol=2e-2)

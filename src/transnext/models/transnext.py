@@ -57,6 +57,38 @@ def _gelu_fresh(act: nn.Module, x: Tensor) -> Tensor:
     return torch.ops.aten.gelu_(x) if _may_overwrite() else act(x)
 
 
+class _CastShared(torch.autograd.Function):
+    """One 16-bit copy of x, handed out ``n`` times; the n gradients are summed in x's
+    dtype (as n separate casts would), not in 16 bits."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dtype: torch.dtype, n: int):
+        ctx.in_dtype = x.dtype
+        y = x.to(dtype)
+        return tuple(y.view_as(y) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = None
+        for g in grads:
+            if g is not None:
+                g = g.to(ctx.in_dtype)
+                total = g if total is None else total + g
+        return total, None, None
+
+
+def _cast_for_linears(x: Tensor, n: int) -> tuple[Tensor, ...]:
+    """x for ``n`` Linear layers. Under autocast a LayerNorm returns fp32 and every Linear
+    makes, and keeps for its backward, its own 16-bit copy of it (three per attention
+    block); this makes one, with the same numbers forward and backward."""
+    dev = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev) and n > 1:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _CastShared.apply(x, torch.get_autocast_dtype(dev), n)
+        return (x.to(torch.get_autocast_dtype(dev)),) * n
+    return (x,) * n
+
+
 def _tokens_to_map(x: Tensor, H: int, W: int) -> Tensor:
     """(B, N, C) -> (B, C, H, W) as a channels_last view (no copy)."""
     return x.reshape(x.shape[0], H, W, x.shape[-1]).permute(0, 3, 1, 2)
@@ -125,8 +157,9 @@ class ConvolutionalGLU(nn.Module):
         # product would be strided and copied first).
         hidden = self.fc2.in_features
         w, b = self.fc1.weight, self.fc1.bias
-        gate = F.linear(x, w[:hidden], b[:hidden])
-        value = F.linear(x, w[hidden:], b[hidden:])
+        xg, xv = _cast_for_linears(x, 2)
+        gate = F.linear(xg, w[:hidden], b[:hidden])
+        value = F.linear(xv, w[hidden:], b[hidden:])
         if self.recompute and self.training and torch.is_grad_enabled() and (
                 gate.requires_grad or value.requires_grad):
             x = checkpoint(self._gated, gate, value, H, W, use_reentrant=False)
@@ -216,11 +249,12 @@ class AggregatedAttention(_PositionBias):
     def forward(self, x: Tensor, H: int, W: int, geo: StageGeometry) -> Tensor:
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        q = self.q(x).reshape(B, N, h, d)
-        k, v = self.kv(x).reshape(B, N, 2, h, d).unbind(2)
+        xq, xkv, xsr = _cast_for_linears(x, 3)
+        q = self.q(xq).reshape(B, N, h, d)
+        k, v = self.kv(xkv).reshape(B, N, 2, h, d).unbind(2)
 
         # The 1x1 `sr` conv is a per-token linear map: run it as one (faster on every backend).
-        y = _gelu_fresh(self.act, F.linear(x, self.sr.weight.view(C, C), self.sr.bias))
+        y = _gelu_fresh(self.act, F.linear(xsr, self.sr.weight.view(C, C), self.sr.bias))
         pooled = F.adaptive_avg_pool2d(_tokens_to_map(y, H, W), geo.pool_hw)
         pooled = self.norm(_map_to_tokens(pooled))
         k_pool, v_pool = self.kv(pooled).reshape(B, geo.num_pool, 2, h, d).unbind(2)
