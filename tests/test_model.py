@@ -708,7 +708,7 @@ def test_invalid_pos_bias_and_interpolate_without_img_size():
 
 # ---- convolutional GLU: recompute in the backward ------------------------------
 
-def _glu_held_after_forward(recompute: bool) -> tuple[int, dict]:
+def _glu_held_after_forward(recompute: bool | None) -> tuple[int, dict]:
     """Bytes the CPU allocator still holds after a training forward (what the backward
     keeps, plus the output), and the gradients."""
     from torch.profiler import ProfilerActivity, profile
@@ -733,6 +733,9 @@ def test_glu_recompute_same_gradients_less_memory():
     # five hidden-width tensors kept (gate, conv out, GELU out, value, product) against three
     hidden_bytes = 2 * 40 * 40 * int(2 * 32 * 8 / 3) * 4
     assert held_plain - held_rec >= 1.9 * hidden_bytes, (held_plain, held_rec)
+    # the default recomputes on CUDA only: on the CPU it keeps everything
+    held_default, _ = _glu_held_after_forward(None)
+    assert held_default == held_plain
 
 
 def test_glu_recompute_model_level_switch_and_compile():
