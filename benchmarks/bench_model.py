@@ -235,11 +235,13 @@ def _mode(r: dict) -> str:
     return f"compiled ({r['compile_mode']})" if r.get("compile_mode") else "compiled"
 
 
+def _cuda_graphs(r: dict) -> bool:
+    return r.get("compile_mode") == "reduce-overhead"
+
+
 def _mem(r: dict) -> float | None:
     """The row's memory figure: allocated peak, or reserved peak under CUDA graphs."""
-    if r.get("compile_mode") == "reduce-overhead":
-        return r.get("reserved_gib")
-    return r.get("peak_gib")
+    return r.get("reserved_gib") if _cuda_graphs(r) else r.get("peak_gib")
 
 
 def _print_row(r: dict) -> None:
@@ -272,10 +274,11 @@ def _print_table(rows: list[dict], env: dict) -> None:
             if _mem(r) and _mem(base[0]):
                 ratio += f", mem {_mem(r) / _mem(base[0]):.2f}x"
         mem = "-" if _mem(r) is None else f"{_mem(r):.1f}"
-        if r.get("compile_mode") == "reduce-overhead" and _mem(r) is not None:
+        if _cuda_graphs(r) and _mem(r) is not None:
             mem += " r"
         print(f"| {r['model']} | {r['size']} | {r['batch']} | {r['mode']} | "
               f"{_mode(r)} | {r['img_per_s']:.1f} | {mem} | {ratio} |")
+
 
 if __name__ == "__main__":
     main()

@@ -208,7 +208,8 @@ def tune(shape) -> dict:
             timings.append((ms, var))
         tk.TUNE[name] = base
         best_ms, best = min(timings, key=lambda t: t[0])
-        base_ms = timings[0][0]  # the first variant is the current entry
+        base_ms = next((ms for ms, var in timings  # the variant that is the current entry
+                        if all(base.get(k) == v for k, v in var.items())), float("nan"))
         result[name] = dict(best=best, ms=best_ms, base_ms=base_ms)
         print(f"-> {name}: {best} {best_ms:.4f} ms (current {base_ms:.4f})", flush=True)
     return result

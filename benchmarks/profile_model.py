@@ -84,5 +84,6 @@ def main(argv=None) -> None:
     if args.out:  # both orders: device time first (unless --sort cpu), then host time
         Path(args.out).write_text(summary + "\n" + "\n".join(tables))
 
+
 if __name__ == "__main__":
     main()

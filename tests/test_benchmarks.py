@@ -9,9 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(args: list[str]) -> str:
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+def _run(args: list[str], env: dict | None = None) -> str:
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return r.stdout
 
@@ -64,13 +64,9 @@ def test_bench_model_check_compares_triton_with_reference(tmp_path):
     if interpreter_problem():
         pytest.skip(interpreter_problem())
     out = tmp_path / "model.json"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "benchmarks/bench_model.py", "--device", "cpu",
-                        "--models", "transnext_micro", "--sizes", "32", "--batch", "1",
-                        "--warmup", "1", "--iters", "1", "--repeats", "1", "--check",
-                        "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    _run(["benchmarks/bench_model.py", "--device", "cpu", "--models", "transnext_micro",
+          "--sizes", "32", "--batch", "1", "--warmup", "1", "--iters", "1", "--repeats", "1",
+          "--check", "--out", str(out)], env=dict(os.environ, TRITON_INTERPRET="1"))
     (check,) = json.loads(out.read_text())["checks"]
     assert check["ok"] and check["model"] == "transnext_micro"
     assert 0 < check["grad"] < 1e-3 and check["logits"] < 1e-4  # compared, and close

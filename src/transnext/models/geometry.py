@@ -17,6 +17,7 @@ from ..tables import cached
 
 POS_BIAS_MODES = ("extrapolate", "interpolate")
 
+
 def stage_size(size: int, stage: int) -> int:
     """Feature-map side at stage (0-based) for an input side: ceil(S/4), then ceil-halved."""
     s = -(-size // 4)
