@@ -25,6 +25,31 @@ def create(name: str, num_classes: int, in_chans: int = 3, drop_path: float | No
         raise UserError(f"model '{name}' does not accept these options: {e}") from None
 
 
+def compile_model(model: torch.nn.Module, how: str = "model") -> torch.nn.Module:
+    """torch.compile for the jobs, with static shapes.
+
+    With torch's default (automatic dynamic shapes) the second input size is traced with
+    symbolic sizes, several times slower, and the per-size tables (pool grids, bias
+    coordinates) specialise the graph on the size anyway; static shapes make each new
+    size one more compile of the first one's length. ``how='blocks'`` compiles each
+    TransNeXt block on its own (regional compilation): the blocks of a stage share one
+    compiled graph, so a cold compile takes a fraction of the whole model's (README,
+    Performance). Returns the module to call (``model`` itself for 'blocks').
+    """
+    if how == "blocks":
+        from ..models.transnext import Block
+        blocks = [m for m in model.modules() if isinstance(m, Block)]
+        if not blocks:
+            raise UserError(f"--compile blocks: {type(model).__name__} has no TransNeXt "
+                            f"blocks; use --compile model")
+        for b in blocks:
+            b.compile(dynamic=False)
+        return model
+    if how != "model":
+        raise UserError(f"--compile {how!r}: choose model or blocks")
+    return torch.compile(model, dynamic=False)
+
+
 def data_config(model) -> dict:
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     return {
