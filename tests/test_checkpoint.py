@@ -396,6 +396,10 @@ def test_timm_file_path_names_the_problem(femto_sd, tmp_path):
                           pretrained_cfg_overlay=dict(file=str(good)))
     assert_weights_equal(m, femto_sd)
     assert m.pretrained_cfg.get("state_dict") is None  # no second copy kept
+    f = timm.create_model("transnext_femto", pretrained=True, features_only=True,
+                          pretrained_cfg_overlay=dict(file=str(good)))
+    assert all(getattr(x, "pretrained_cfg", {}).get("state_dict") is None
+               for x in f.modules())
     with pytest.raises(CheckpointError, match=r"good\.pth holds weights of transnext_femto"):
         timm.create_model("transnext_micro", pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(good)))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import linecache
 import logging
 import sys
 import traceback
@@ -157,7 +158,10 @@ def _check_train(args) -> None:
     recipes.resolve(args)
     if not args.model:
         raise UsageError("--model is required (or a --recipe that names one)")
-    model_name(args.model)  # a recipe's model, checked like the flag
+    try:
+        model_name(args.model)  # a recipe's model, checked like the flag
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"--model: {e}") from None
     if not args.output:
         raise UsageError("--output is required")
     why = writable_dir(args.output)
@@ -286,20 +290,23 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def _on_purpose(e: BaseException) -> bool:
-    """An error the package raises for bad input: its own error types, or a ValueError
-    from a `raise` in the package's code (the model's argument and input checks).
-    A ValueError from inside torch or timm is a bug of ours and keeps its traceback."""
+    """An error the package raises for bad input: its own error types, or a ValueError or
+    RuntimeError from a `raise` statement in the package's code (the model's argument and
+    input checks, the attention backend's). One from inside torch or timm, or from an op
+    our code called, is a bug of ours and keeps its traceback."""
     from .data.fashion_mnist import DataError
     from .engine.errors import UserError
     from .models.checkpoint import CheckpointError
     if isinstance(e, (UserError, DataError, CheckpointError)):
         return True
-    if type(e) is ValueError and e.__traceback__ is not None:
-        tb = e.__traceback__
-        while tb.tb_next is not None:
-            tb = tb.tb_next
-        return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
-    return False
+    if type(e) not in (ValueError, RuntimeError) or e.__traceback__ is None:
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = tb.tb_frame.f_code.co_filename
+    return (Path(path).resolve().is_relative_to(_PACKAGE)
+            and linecache.getline(path, tb.tb_lineno).lstrip().startswith("raise"))
 
 
 def _one_line(e: BaseException) -> str:

@@ -42,6 +42,13 @@ def compile_model(model: torch.nn.Module, how: str = "model") -> torch.nn.Module
         if not blocks:
             raise UserError(f"--compile blocks: {type(model).__name__} has no TransNeXt "
                             f"blocks; use --compile model")
+        # The blocks share one code object, so one cache: each (stage, input size, train or
+        # eval) is an entry, and torch's default limit (8) would send the second size of a
+        # training run with evaluation back to eager.
+        cfg = torch._dynamo.config
+        key = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        stages = getattr(unwrap(model), "num_stages", 4)
+        setattr(cfg, key, max(getattr(cfg, key), 2 * 8 * stages))  # 8 sizes, as one graph
         for b in blocks:
             b.compile(dynamic=False)
         return model

@@ -664,9 +664,10 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> TransNeXt:
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
         **model_args,
     )
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("state_dict") is not None:
-        cfg["state_dict"] = None  # loaded; don't keep a second copy of the weights
+    for m in (model, getattr(model, "model", None)):  # features_only wraps the model
+        cfg = getattr(m, "pretrained_cfg", None)
+        if isinstance(cfg, dict) and cfg.get("state_dict") is not None:
+            cfg["state_dict"] = None  # loaded; don't keep a second copy of the weights
     return model
 
 
