@@ -152,7 +152,7 @@ def _check_train(args) -> None:
     from .engine import recipes
     given = {k for k, v in vars(args).items() if v is not None and v is not False}
 
-    def _given(_, *names):  # those of names the user set (recipes fill the rest)
+    def set_by_user(*names):  # recipes and defaults fill the rest
         return [n for n in names if n in given]
 
     recipes.resolve(args)
@@ -174,7 +174,7 @@ def _check_train(args) -> None:
                          f"RGB (3); other channel counts need --dataset fashion-mnist")
     if args.resume and args.pretrained:
         raise UsageError("--resume restores the run's own weights; drop --pretrained")
-    if args.resume and _given(args, "time_budget"):
+    if args.resume and set_by_user("time_budget"):
         raise UsageError("--time-budget sets the epoch count of a new run; a resumed run "
                          "keeps its schedule (drop --time-budget, or raise --epochs)")
     if args.img_size is not None:
@@ -189,21 +189,21 @@ def _check_train(args) -> None:
                          f"lion (timm.optim.list_optimizers() lists {len(known)})")
     unused = []
     if args.opt not in ("sgd", "momentum", "nesterov"):
-        unused += [(n, f"with --opt {args.opt}") for n in _given(args, "momentum")]
+        unused += [(n, f"with --opt {args.opt}") for n in set_by_user("momentum")]
     if not args.ema:
-        unused += [(n, "without --ema") for n in _given(args, "ema_decay")]
+        unused += [(n, "without --ema") for n in set_by_user("ema_decay")]
     if not (args.mixup > 0 or args.cutmix > 0):
         unused += [(n, "without --mixup or --cutmix") for n in
-                   _given(args, "mixup_prob", "mixup_switch_prob")]
+                   set_by_user("mixup_prob", "mixup_switch_prob")]
     if not args.warmup_epochs:
-        unused += [(n, "without --warmup-epochs") for n in _given(args, "warmup_lr")]
+        unused += [(n, "without --warmup-epochs") for n in set_by_user("warmup_lr")]
     if args.dataset == "fashion-mnist":
         unused += [(n, "with --dataset fashion-mnist (its augmentation is crop + flip)")
-                   for n in _given(args, "aa", "color_jitter", "reprob", "scale_min",
+                   for n in set_by_user("aa", "color_jitter", "reprob", "scale_min",
                                    "no_verify", "workers", "repeated_aug")]
     elif args.train_aug == "none":
         unused += [(n, "with --train-aug none") for n in
-                   _given(args, "aa", "color_jitter", "reprob", "scale_min", "hflip")]
+                   set_by_user("aa", "color_jitter", "reprob", "scale_min", "hflip")]
     if unused:
         name, why = unused[0]
         raise UsageError(f"{flag(name)} has no effect {why}")
