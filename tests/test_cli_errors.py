@@ -340,3 +340,16 @@ def test_every_recipe_passes_the_checks_and_builds_its_schedule(recipe, tmp_path
                                    updates_per_epoch=10)
     assert sched is not None
     sched.step_update(num_updates=5)
+
+
+def test_data_error_from_a_loader_worker_is_one_line(files, tmp_path, model_name, capsys):
+    """A DataError raised in a DataLoader worker comes back wrapped in torch's text with
+    the worker's traceback; the message is still the error's own line."""
+    for c in ("a", "b"):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        (tmp_path / "val" / c / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert main(["eval", "--model", model_name, "--checkpoint", str(files["run"] / "last.pth"),
+                 "--data-dir", str(tmp_path), "--no-verify", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("transnext eval: error: no readable image near index"), err[-1]
+    assert "Traceback" not in "\n".join(err) and "Caught DataError" not in err[-1]
