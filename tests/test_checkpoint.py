@@ -418,3 +418,17 @@ def test_not_a_dict_refused(tmp_path):
     torch.save([torch.zeros(1)], p)
     with pytest.raises(CheckpointError, match=r"not a state dict"):
         transnext.load_checkpoint(transnext.create_model("transnext_femto"), p)
+
+
+def test_protocol_4_weights_loaded_or_named(femto_sd, tmp_path):
+    """Plain weights pickled with protocol 4: torch's weights-only reader may not read its
+    frames; then the refusal says so (not 'corrupt', no global to blame)."""
+    p = tmp_path / "p4.pth"
+    torch.save(femto_sd, p, pickle_protocol=4)
+    m = transnext.create_model("transnext_femto")
+    try:
+        transnext.load_checkpoint(m, p)
+    except CheckpointError as e:
+        assert "pickle protocol 4" in str(e) and "safetensors" in str(e), e
+    else:
+        assert_weights_equal(m, femto_sd)

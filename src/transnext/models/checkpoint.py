@@ -73,6 +73,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                 f"code outside torch (nothing was run); only tensors and plain containers are "
                 f"read. Save the weights alone (torch.save(model.state_dict(), ...)) or as "
                 f".safetensors") from None
+        if _pickle_protocol(path, kind) >= 4:
+            raise CheckpointError(
+                f"{path} was saved with pickle protocol 4 or 5, which torch's safe "
+                f"(weights-only) reader does not read; re-save it with torch.save's default "
+                f"protocol or as .safetensors") from None
         raise CheckpointError(f"{path} is damaged or not a checkpoint: its pickle cannot be "
                               f"read") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError,
@@ -127,17 +132,27 @@ def _short(e: BaseException) -> str:
     return (lines[0][:160] if lines else type(e).__name__)
 
 
-def _first_unsafe_global(path: Path, kind: str) -> str | None:
-    """The first global a pickle names that a weights-only load does not allow, found by
-    reading its opcodes (nothing is imported or run)."""
+def _pickle_bytes(path: Path, kind: str) -> bytes | None:
     try:
         if kind == "zip":
             with zipfile.ZipFile(path) as z:
                 name = next(n for n in z.namelist() if n.endswith("data.pkl"))
-                data = z.read(name)
-        else:
-            data = path.read_bytes()
+                return z.read(name)
+        return path.read_bytes()
     except (OSError, zipfile.BadZipFile, StopIteration):
+        return None
+
+
+def _pickle_protocol(path: Path, kind: str) -> int:
+    data = _pickle_bytes(path, kind) or b""
+    return data[1] if data[:1] == b"\x80" and len(data) > 1 else 0
+
+
+def _first_unsafe_global(path: Path, kind: str) -> str | None:
+    """The first global a pickle names that a weights-only load does not allow, found by
+    reading its opcodes (nothing is imported or run)."""
+    data = _pickle_bytes(path, kind)
+    if data is None:
         return None
     allowed = _allowed_globals()
     f = io.BytesIO(data)
