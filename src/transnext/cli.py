@@ -1,4 +1,4 @@
-"""`transnext <subcommand>`: argument parsing only; the work lives in engine/ and tools/."""
+"""`transnext <subcommand>`: arguments and their checks; the work lives in engine/ and tools/."""
 from __future__ import annotations
 
 import argparse
@@ -46,7 +46,8 @@ def _add_train(sub) -> None:
     a("--amp", default=None, choices=["bf16", "fp16", "none"])
     a("--compile", nargs="?", const="model", default=None, choices=["model", "blocks"],
       help="torch.compile with static shapes: the whole model (default), or each block "
-           "alone ('blocks': a much shorter first compile on the CPU)")
+           "alone ('blocks': alike blocks share one compile, so a shorter first compile for "
+           "the deeper models on the CPU)")
     a("--accum-steps", type=positive_int, default=None, help="gradient accumulation steps")
     a("--opt", default=None, help="timm optimizer name (adamw, sgd, lamb, ...)")
     a("--lr", type=positive_float, default=None)
