@@ -353,3 +353,11 @@ def test_data_error_from_a_loader_worker_is_one_line(files, tmp_path, model_name
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("transnext eval: error: no readable image near index"), err[-1]
     assert "Traceback" not in "\n".join(err) and "Caught DataError" not in err[-1]
+
+
+def test_verbose_shows_the_traceback_of_an_input_error(files, model_name, capsys):
+    assert main(["-v", "eval", "--model", model_name, "--checkpoint", str(files["random"]),
+                 "--data-dir", str(files["data"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback (most recent call last):" in err
+    assert err[-1].startswith("transnext eval: error: ") and "is not a checkpoint file" in err[-1]
