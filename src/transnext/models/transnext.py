@@ -15,10 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-try:  # torch.fx's symbolic tracing only (newer torch: is_fx_tracing also covers export)
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
-except ImportError:  # pragma: no cover - older torch
-    from torch.fx._symbolic_trace import is_fx_tracing
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -30,6 +26,11 @@ from ..ops import aggregated_attention, full_attention
 from .archs import ARCHS, PRETRAIN_SIZE
 from .checkpoint import checkpoint_filter_fn
 from .geometry import POS_BIAS_MODES, StageGeometry, resize_bias, stage_geometry, stage_size
+
+try:  # torch.fx symbolic tracing only (newer torch's is_fx_tracing also covers export)
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
+except ImportError:  # pragma: no cover - older torch
+    from torch.fx._symbolic_trace import is_fx_tracing
 
 __all__ = ["TransNeXt", "ARCHS"]
 
@@ -53,8 +54,8 @@ def _init_weights(m: nn.Module) -> None:
 def _may_overwrite() -> bool:
     """True when no autograd graph is recorded (and no graph is being traced): a fresh
     intermediate may then be overwritten. On the CPU a fresh large buffer (page faults)
-    costs several times an elementwise op on it. Never in an FX trace: the graph may be
-    run for training later."""
+    costs several times an elementwise op on it. Never in an FX trace, which would keep
+    the no-grad state of trace time."""
     return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and not is_fx_tracing())
 
@@ -146,7 +147,8 @@ class OverlapPatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, int, int]:
         w = self.proj.weight
-        if not is_fx_tracing() and (w.is_contiguous() and not x.is_contiguous() and w.numel() > x.numel()
+        if not is_fx_tracing() and (  # layouts are unknown while tracing
+                w.is_contiguous() and not x.is_contiguous() and w.numel() > x.numel()
                 and x.is_contiguous(memory_format=torch.channels_last)):
             # A channels_last map meeting a plain weight makes the conv convert the weight
             # on every call (6 MB for patch_embed4); converting the smaller map is cheaper.
