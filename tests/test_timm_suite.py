@@ -5,14 +5,20 @@ The file is fetched by ``scripts/fetch_timm_tests.py`` (cached under ``.cache/``
 in a child pytest with ``tests/timm_suite_plugin.py``, which keeps the TransNeXt items
 and applies this family's exclusions (hub downloads; TorchScript, see the plugin).
 The tests run at timm's own reduced sizes (forward 224/256/384, backward and FX 128,
-features 96; config checks on the meta device). About 2.5 minutes on a 2-core CPU.
+features 96; config checks on the meta device). About 2 minutes on a 2-core CPU.
+
+timm parametrises its forward_intermediates and pruning tests by a list of its own
+model modules only; ``test_timm_intermediates_tests`` calls those test functions of the
+same file directly for the smaller variants.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -91,3 +97,26 @@ def test_timm_model_suite(tmp_path):
     assert all(JIT_REASON in msg for msg in skipped.values()), skipped
     # Nothing but this family ran (the plugin's filter holds).
     assert {m for _, m in got} <= set(variants) | set(tags), sorted(got)
+
+
+# timm's tests parametrised by timm's module list (FEAT_INTER_FILTERS) instead of by model.
+INTERMEDIATES_TESTS = ("test_model_forward_intermediates_features",
+                       "test_model_forward_intermediates")
+
+
+@pytest.fixture(scope="module")
+def timm_test_module():
+    spec = importlib.util.spec_from_file_location("timm_test_models", _timm_test_file())
+    module = importlib.util.module_from_spec(spec)
+    with warnings.catch_warnings():  # timm's markers, declared in timm's own config
+        warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+        spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("model_name", ["transnext_femto", "transnext_micro",
+                                        "transnext_micro_aaaa", "transnext_tiny"])
+def test_timm_intermediates_tests(timm_test_module, model_name):
+    for name in INTERMEDIATES_TESTS:
+        getattr(timm_test_module, name)(model_name, 1)
+    timm_test_module.test_prune_intermediate_layers_contract(model_name)
