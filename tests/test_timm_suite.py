@@ -4,8 +4,9 @@ every registered TransNeXt variant and pretrained tag, on the CPU.
 The file is fetched by ``scripts/fetch_timm_tests.py`` (cached under ``.cache/``) and run
 in a child pytest with ``tests/timm_suite_plugin.py``, which keeps the TransNeXt items
 and applies this family's exclusions (hub downloads; TorchScript, see the plugin).
-The tests run at timm's own reduced sizes (forward 224/256/384, backward and FX 128,
-features 96; config checks on the meta device). About 2 minutes on a 2-core CPU.
+The tests run at timm's own reduced sizes (forward at the default 224, 256 for
+micro_aaaa; backward and FX 128; features 96; the config checks, 384 fine-tunes
+included, on the meta device). About 2 minutes on a 2-core CPU.
 
 timm parametrises its forward_intermediates and pruning tests by a list of its own
 model modules only; ``test_timm_intermediates_tests`` calls those test functions of the
