@@ -6,6 +6,7 @@ import logging
 import sys
 
 from .engine.recipes import RECIPES
+from .tools.parsers import add_tool_parsers
 
 
 def _add_train(sub) -> None:
@@ -157,11 +158,13 @@ def _run_info(args):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="transnext", description="TransNeXt classification jobs")
     p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,info}")
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{train,eval,predict,info,export,erf,attention-map}")
     _add_train(sub)
     _add_eval(sub)
     _add_predict(sub)
     _add_info(sub)
+    add_tool_parsers(sub)  # export, erf, attention-map (tools/parsers.py)
     return p
 
 

@@ -24,6 +24,7 @@ from timm.models._features import feature_take_indices
 from ..ops import aggregated_attention, full_attention
 from .archs import ARCHS, PRETRAIN_SIZE
 from .checkpoint import checkpoint_filter_fn
+from . import symbolic_tables
 from .geometry import POS_BIAS_MODES, StageGeometry, resize_bias, stage_geometry
 
 __all__ = ["TransNeXt", "ARCHS"]
@@ -107,7 +108,8 @@ class OverlapPatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, int, int]:
         w = self.proj.weight
-        if (w.is_contiguous() and not x.is_contiguous() and w.numel() > x.numel()
+        if (not symbolic_tables.exporting()  # export hook: no size test on a symbolic map
+                and w.is_contiguous() and not x.is_contiguous() and w.numel() > x.numel()
                 and x.is_contiguous(memory_format=torch.channels_last)):
             # A channels_last map meeting a plain weight makes the conv convert the weight
             # on every call (6 MB for patch_embed4); converting the smaller map is cheaper.
@@ -192,7 +194,9 @@ class _PositionBias(nn.Module):
             per_pair = F.linear(F.relu(F.linear(table.to(acc), w1, b1)), w2, b2)  # (U, h)
             bias = per_pair.t()[:, index]  # (h, Nq0, Nk0)
             if geo.interpolate:
-                bias = resize_bias(bias, geo)
+                # Export hook: symbolic sizes resize without comparing them.
+                bias = (geo.resize(bias) if isinstance(geo, symbolic_tables.SymbolicGeometry)
+                        else resize_bias(bias, geo))
         # Kernels (ours and SDPA's mask) want a row-major bias; inductor may pick
         # another stride order for the gather.
         return bias.contiguous()
@@ -259,7 +263,10 @@ class AggregatedAttention(_PositionBias):
 
         # The 1x1 `sr` conv is a per-token linear map: run it as one (faster on every backend).
         y = _gelu_fresh(self.act, F.linear(xsr, self.sr.weight.view(C, C), self.sr.bias))
-        pooled = F.adaptive_avg_pool2d(_tokens_to_map(y, H, W), geo.pool_hw)
+        if isinstance(geo, symbolic_tables.SymbolicGeometry):  # export hook: symbolic size
+            pooled = geo.pool(_tokens_to_map(y, H, W))
+        else:
+            pooled = F.adaptive_avg_pool2d(_tokens_to_map(y, H, W), geo.pool_hw)
         pooled = self.norm(_map_to_tokens(pooled))
         k_pool, v_pool = self.kv(pooled).reshape(B, geo.num_pool, 2, h, d).unbind(2)
 
@@ -460,6 +467,10 @@ class TransNeXt(nn.Module):
             raise ValueError(f"empty image batch of shape {tuple(x.shape)}")
 
     def _geometry(self, stage: int, H: int, W: int) -> StageGeometry:
+        if symbolic_tables.is_symbolic(H, W):  # export hook: dynamic height/width
+            return symbolic_tables.stage_geometry(
+                H, W, stage, self.sr_ratios[stage], self.pretrain_size,
+                self.fixed_pool_size, self.pos_bias, self.img_size)
         return stage_geometry(H, W, stage, self.sr_ratios[stage], self.pretrain_size,
                               self.fixed_pool_size, self.pos_bias, self.img_size)
 
