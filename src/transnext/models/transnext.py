@@ -270,12 +270,17 @@ class AggregatedAttention(_PositionBias):
         pooled = self.norm(_map_to_tokens(pooled))
         k_pool, v_pool = self.kv(pooled).reshape(B, geo.num_pool, 2, h, d).unbind(2)
 
+        # Attention-map hook (tools/attention_map.py): keep the reference's softmax weights.
+        keep = getattr(self, "keep_weights", False)
         out = aggregated_attention(
             q, k, v, k_pool, v_pool, self.position_bias(geo, x.device),
             self.query_embedding, self.temperature, self.relative_pos_bias_local,
             self.learnable_tokens, self.learnable_bias, H, W, self.window_size,
-            attn_drop=self.attn_drop, training=self.training,
+            attn_drop=self.attn_drop, training=self.training, return_weights=keep,
         )
+        if keep:
+            out, self.weights = out
+            self.weights_geometry = geo
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
 
 
