@@ -1,7 +1,7 @@
 """`transnext erf`: effective receptive field of the last stage's centre unit.
 
 For each image: the gradient of the centre position of the last stage's output map
-(summed over channels) with respect to the input pixels, absolute, summed over the input
+(ReLU, then summed over channels) with respect to the input pixels, absolute, summed over the input
 channels; averaged over the images. The map is normalised to sum 1 (a distribution of
 the centre unit's sensitivity over the image), saved as ``.npy``, drawn log-scaled, and
 summarised by the share of the image area that holds 20/50/80/99% of the mass (the
@@ -45,8 +45,10 @@ def erf_map(model: nn.Module, batches) -> tuple[np.ndarray, int]:
         x = x.clone().requires_grad_(True)
         y = last_map(model, x)
         h, w = y.shape[-2:]
-        # Images in a batch are independent in eval mode: one backward gives each its own.
-        centre = y[:, :, h // 2, w // 2].sum()
+        # ReLU before the channel sum (as in RepLKNet's ERF code): a final LayerNorm makes
+        # the plain channel sum of a map constant (zero gradient). Images in a batch are
+        # independent in eval mode: one backward gives each its own gradient.
+        centre = torch.relu(y[:, :, h // 2, w // 2]).sum()
         (grad,) = torch.autograd.grad(centre, x)
         g = grad.abs().sum(dim=1).sum(dim=0).double().cpu()
         total = g if total is None else total + g
