@@ -76,8 +76,9 @@ def aggregated_attention_reference(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Aggregated attention after the projections. See ``ops.aggregated_attention``
     for the shapes; returns (B, N, h, d) in q's dtype. With ``return_weights`` also the
-    softmax weights (B, N, h, w*w + P), fp32: the w*w window positions (row-major
-    offsets, zero outside the map) then the P pooled tokens; before attention dropout.
+    softmax weights (B, N, h, w*w + P) in the compute dtype (fp32, or fp64): the w*w
+    window positions (row-major offsets, zero outside the map) then the P pooled tokens;
+    before attention dropout.
 
     Everything stays in the projections' own (B, N, h, d) layout, so there are
     no head transposes; the w*w neighbours are shifted views of one padded copy.
