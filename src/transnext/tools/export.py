@@ -169,11 +169,14 @@ def export_model(model: nn.Module, output, fmt: str = "onnx", input_size=(224, 2
         except Exception as e:  # the tracer's messages run to pages
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"torch.export could not trace this model: {first}") from None
-        if fmt == "exported-program":
-            torch.export.save(ep, str(tmp))
-        else:
-            _write_onnx(ep, tmp, opset, n_out=len(_outputs(model(x))))
-    os.replace(tmp, output)
+        try:
+            if fmt == "exported-program":
+                torch.export.save(ep, str(tmp))
+            else:
+                _write_onnx(ep, tmp, opset, n_out=len(_outputs(model(x))))
+            os.replace(tmp, output)  # no half-written file under the output name
+        finally:
+            tmp.unlink(missing_ok=True)
     result = ExportResult(output, fmt, dynamic, lo)
     if check:
         run = _Runner(output, fmt)
