@@ -26,7 +26,7 @@ def test_python_m_and_console_script_help():
         assert p.returncode == 0
         for flag in ("--model", "--data-dir", "--output", "--epochs", "--batch-size",
                      "--input-size", "--recipe", "--pretrained", "--resume", "--device", "--amp",
-                     "--compile", "--accum-steps"):
+                     "--compile", "--compile-mode", "--accum-steps"):
             assert flag in p.stdout, flag
 
 

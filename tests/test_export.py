@@ -33,32 +33,40 @@ def small(**kw) -> TransNeXt:
     return m
 
 
+def _mlp_bias(plan, seed=0):
+    """Any fixed function of the coordinates, spread by the plan (as the model does)."""
+    g = torch.Generator().manual_seed(seed)
+    w1, w2 = torch.randn(16, 2, generator=g), torch.randn(3, 16, generator=g)
+    return geometry.expand_bias(torch.relu(plan.table @ w1.t()) @ w2.t(), plan)
+
+
 @pytest.mark.parametrize("q_hw,k_hw,pre", [
     ((7, 9), (3, 4), (7, 7)), ((56, 56), (7, 7), (56, 56)), ((25, 83), (3, 10), (14, 14)),
     ((16, 16), (16, 16), (1, 1)), ((13, 5), (13, 5), (7, 7)), ((10, 10), (3, 3), (28, 28))])
-def test_symbolic_bias_coords_equal_eager(q_hw, k_hw, pre):
-    """Same coordinate for every (query, key) pair as the eager table, bit for bit."""
-    t_e, i_e = geometry.bias_coords(q_hw, k_hw, pre, "cpu")
-    t_s, i_s = symbolic_tables.bias_coords(q_hw, k_hw, pre, "cpu")
-    assert i_s.shape == i_e.shape == (q_hw[0] * q_hw[1], k_hw[0] * k_hw[1])
-    assert torch.equal(t_s[i_s], t_e[i_e])
+def test_symbolic_bias_plan_equals_eager_extrapolate(q_hw, k_hw, pre):
+    """Every (query, key) pair gets the same coordinate as in the eager plan: same bias,
+    bit for bit."""
+    eager = geometry.bias_plan(q_hw, k_hw, q_hw, k_hw, pre, "cpu")
+    sym = symbolic_tables.bias_plan(q_hw, k_hw, q_hw, k_hw, pre, "cpu")
+    assert torch.equal(_mlp_bias(sym), _mlp_bias(eager))
+
+
+@pytest.mark.parametrize("q_hw,k_hw,q0_hw,k0_hw", [
+    ((7, 9), (3, 4), (8, 8), (4, 4)), ((8, 8), (4, 4), (8, 8), (4, 4)),
+    ((25, 13), (3, 3), (10, 10), (3, 3)), ((5, 20), (5, 20), (8, 8), (8, 8))])
+def test_symbolic_bias_plan_equals_eager_interpolate(q_hw, k_hw, q0_hw, k0_hw):
+    eager = geometry.bias_plan(q_hw, k_hw, q0_hw, k0_hw, (7, 7), "cpu")
+    sym = symbolic_tables.bias_plan(q_hw, k_hw, q0_hw, k0_hw, (7, 7), "cpu", interpolate=True)
+    assert torch.equal(sym.table, eager.table)
+    torch.testing.assert_close(_mlp_bias(sym), _mlp_bias(eager), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("hw,out", [((13, 17), (3, 4)), ((14, 14), (7, 7)), ((9, 5), (2, 5)),
                                     ((25, 83), (3, 10))])
-def test_symbolic_pool_and_resize_equal_eager(hw, out):
+def test_symbolic_pool_equals_eager(hw, out):
     x = torch.randn(2, 3, *hw, dtype=torch.float64)
     torch.testing.assert_close(symbolic_tables.adaptive_avg_pool(x, out),
                                F.adaptive_avg_pool2d(x, out), rtol=1e-12, atol=1e-12)
-    # interpolate mode: from a reference grid to another one, and to the same one
-    bias = torch.randn(2, 8 * 8, 2 * 2, dtype=torch.float64)
-    for H, W in ((8, 8), hw):
-        pool = geometry.pool_size(H, W, 4, None)
-        eager = geometry.StageGeometry(H, W, pool, (8, 8), (2, 2), (7, 7), True)
-        sym = symbolic_tables.SymbolicGeometry(H, W, pool, (8, 8), (2, 2), (7, 7), True)
-        ref = bias if (H, W) == (8, 8) else geometry.resize_bias(bias, eager)
-        got = sym.resize(bias)
-        assert torch.equal(got, ref) if (H, W) == (8, 8) else torch.allclose(got, ref)
 
 
 def test_min_dynamic_size():

@@ -176,8 +176,10 @@ def _train(args, dist) -> dict:
         del resume_obj
 
     net = model
-    if args.compile:
-        net = torch.compile(model)
+    compile_mode = getattr(args, "compile_mode", None)
+    if args.compile or compile_mode:
+        # reduce-overhead: CUDA graphs; the step is host-bound in eager and default modes.
+        net = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
     if dist.distributed:
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)

@@ -8,21 +8,23 @@ the model switches to :class:`SymbolicGeometry`, whose tables come from
 ONNX file) serves every size. Plain ints never reach this module: eager,
 training and fixed-size export keep the ``geometry`` path and its numbers.
 
-The coordinate table here is a superset of the eager one: every half-integer
-offset in [-(L-1), L-1] per axis rather than only the offsets that occur (that
-set's size depends on the size's divisibility, which a graph cannot express).
-The gathered bias is the same MLP of the same coordinate for every
-(query, key) pair.
+In extrapolate mode the coordinate table here is a superset of the eager one:
+every half-integer offset in [-(L-1), L-1] per axis rather than only the offsets
+that occur (that set's size depends on the size's divisibility, which a graph
+cannot express); every (query, key) pair gets the same MLP of the same
+coordinate. In interpolate mode the table is the eager one (a fixed reference
+grid) and the bilinear taps to the symbolic grid are computed in the graph,
+always two per axis (the second of weight 0 where the grids agree).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .geometry import StageGeometry, _log_spaced, pool_size, stage_size
+from .geometry import BiasPlan, StageGeometry, _log_spaced, pool_size, stage_size
+from .geometry import _axis_table as _eager_axis_table
 
 
 def exporting() -> bool:
@@ -64,18 +66,48 @@ def axis_table(q_len, k_len, device) -> tuple[Tensor, Tensor]:
     return values, index
 
 
-def bias_coords(q_hw, k_hw, pretrain_hw, device) -> tuple[Tensor, Tensor]:
-    """Log-spaced (dh, dw) pairs (U, 2) and the (Nq, Nk) index into them, as
-    ``geometry.bias_coords`` but with a size-independent superset of pairs."""
-    axes = []
-    for q_len, k_len, pre in zip(q_hw, k_hw, pretrain_hw):
+def bilinear_taps(out_len, in_len: int, device) -> tuple[Tensor, Tensor]:
+    """``geometry._bilinear_taps`` for a symbolic out_len, always two taps per output
+    (the second of weight 0 where the lengths agree): index and weight, (out_len, 2),
+    the weights in float64 as the Python version computes them."""
+    i = torch.arange(out_len, device=device, dtype=torch.float64)
+    scale = in_len / torch.full((), out_len, dtype=torch.float64, device=device)
+    src = torch.clamp((i + 0.5) * scale - 0.5, min=0.0)
+    i0 = torch.clamp(src.floor(), max=in_len - 1)
+    lam = src - i0
+    i0 = i0.long()
+    idx = torch.stack([i0, torch.clamp(i0 + 1, max=in_len - 1)], dim=1)
+    return idx, torch.stack([1.0 - lam, lam], dim=1)
+
+
+def _axis_taps(q_len, k_len, q0_len, k0_len, pre: int, device, interpolate: bool):
+    """``geometry._axis_taps`` where q_len (and, in extrapolate mode, q0_len = q_len) may
+    be symbolic: scaled offsets (U,), idx (J, q_len * k_len), weights or None."""
+    divisor = float(max(pre - 1, 1))  # same normalisation as geometry
+    if not interpolate:  # the bias is built on the actual grids
         values, index = axis_table(q_len, k_len, device)
-        divisor = float(max(pre - 1, 1))  # same normalisation as geometry
-        axes.append((values / divisor * 8, index))
-    (uh, inv_h), (uw, inv_w) = axes
+        return values / divisor * 8, index.reshape(1, -1), None
+    # interpolate: a fixed reference grid, bilinear taps to the actual (symbolic) grids
+    values, inverse = _eager_axis_table(q0_len, k0_len)
+    inverse = torch.tensor(inverse, dtype=torch.long, device=device)
+    offsets = torch.tensor(values, dtype=torch.float32, device=device) / divisor * 8
+    qi, qw = bilinear_taps(q_len, q0_len, device)
+    ki, kw = bilinear_taps(k_len, k0_len, device)
+    idx = inverse[qi[:, None, :, None], ki[None, :, None, :]]  # (q, k, 2, 2)
+    w = qw[:, None, :, None] * kw[None, :, None, :]
+    return (offsets, idx.reshape(-1, 4).t().contiguous(),
+            w.reshape(-1, 4).t().to(torch.float32).contiguous())
+
+
+def bias_plan(q_hw, k_hw, q0_hw, k0_hw, pretrain_hw, device,
+              interpolate: bool = False) -> BiasPlan:
+    """``geometry.bias_plan`` for symbolic actual grids (not cached: built in the graph).
+    ``interpolate``: (q0_hw, k0_hw) is interpolate mode's fixed reference grid."""
+    (uh, ih, wh), (uw, iw, ww) = (
+        _axis_taps(q, k, q0, k0, pre, device, interpolate)
+        for q, k, q0, k0, pre in zip(q_hw, k_hw, q0_hw, k0_hw, pretrain_hw))
     table = _log_spaced(torch.stack(torch.meshgrid(uh, uw, indexing="ij"), dim=-1).reshape(-1, 2))
-    index = inv_h[:, None, :, None] * uw.shape[0] + inv_w[None, :, None, :]
-    return table, index.reshape(q_hw[0] * q_hw[1], k_hw[0] * k_hw[1])
+    return BiasPlan(table, ih, wh, iw, ww, tuple(q_hw), tuple(k_hw), uw.shape[0])
 
 
 def adaptive_avg_pool(x: Tensor, out_hw) -> Tensor:
@@ -92,28 +124,15 @@ def adaptive_avg_pool(x: Tensor, out_hw) -> Tensor:
 
 @dataclass(frozen=True)
 class SymbolicGeometry(StageGeometry):
-    """StageGeometry whose sizes may be symbolic; in interpolate mode the bias is
-    always resized (a same-size bilinear resize is the identity)."""
+    """StageGeometry whose map size is symbolic: its bias plan and pooling come from
+    tensor ops on that size."""
 
-    def coords(self, device) -> tuple[Tensor, Tensor]:
-        if not is_symbolic(*self.bias_q_hw, *self.bias_k_hw):
-            return super().coords(device)  # interpolate mode: the reference grid is fixed
-        return bias_coords(self.bias_q_hw, self.bias_k_hw, self.pretrain_hw, device)
+    def bias_plan(self, device) -> BiasPlan:
+        return bias_plan((self.H, self.W), self.pool_hw, self.bias_q_hw, self.bias_k_hw,
+                         self.pretrain_hw, device, self.interpolate)
 
     def pool(self, x: Tensor) -> Tensor:
         return adaptive_avg_pool(x, self.pool_hw)
-
-    def resize(self, bias: Tensor) -> Tensor:
-        """geometry.resize_bias without comparing sizes (a comparison of symbolic
-        sizes would pin them)."""
-        h = bias.shape[0]
-        (hq0, wq0), (hk0, wk0) = self.bias_q_hw, self.bias_k_hw
-        hk, wk = self.pool_hw
-        b = bias.reshape(1, h * hq0 * wq0, hk0, wk0)
-        b = F.interpolate(b, size=(hk, wk), mode="bilinear", align_corners=False)
-        b = b.reshape(h, hq0 * wq0, hk * wk).transpose(1, 2).reshape(1, h * hk * wk, hq0, wq0)
-        b = F.interpolate(b, size=(self.H, self.W), mode="bilinear", align_corners=False)
-        return b.reshape(h, hk * wk, self.H * self.W).transpose(1, 2)
 
 
 def stage_geometry(H, W, stage: int, sr_ratio: int, pretrain_size: int,

@@ -25,7 +25,7 @@ from ..ops import aggregated_attention, full_attention
 from .archs import ARCHS, PRETRAIN_SIZE
 from .checkpoint import checkpoint_filter_fn
 from . import symbolic_tables
-from .geometry import POS_BIAS_MODES, StageGeometry, resize_bias, stage_geometry
+from .geometry import POS_BIAS_MODES, StageGeometry, expand_bias, stage_geometry
 
 __all__ = ["TransNeXt", "ARCHS"]
 
@@ -185,21 +185,15 @@ class _PositionBias(nn.Module):
         self._bias_cache: dict = {}
 
     def _compute_bias(self, geo: StageGeometry, device) -> Tensor:
-        table, index = geo.coords(device)
+        plan = geo.bias_plan(device)
         # fp32 regardless of autocast: the bias is small, shared and cacheable.
         with torch.autocast(device_type=device.type, enabled=False):
             acc = torch.promote_types(self.cpb_fc1.weight.dtype, torch.float32)
             w1, w2 = self.cpb_fc1.weight.to(acc), self.cpb_fc2.weight.to(acc)
             b1, b2 = self.cpb_fc1.bias.to(acc), self.cpb_fc2.bias.to(acc)
-            per_pair = F.linear(F.relu(F.linear(table.to(acc), w1, b1)), w2, b2)  # (U, h)
-            bias = per_pair.t()[:, index]  # (h, Nq0, Nk0)
-            if geo.interpolate:
-                # Export hook: symbolic sizes resize without comparing them.
-                bias = (geo.resize(bias) if isinstance(geo, symbolic_tables.SymbolicGeometry)
-                        else resize_bias(bias, geo))
-        # Kernels (ours and SDPA's mask) want a row-major bias; inductor may pick
-        # another stride order for the gather.
-        return bias.contiguous()
+            per_pair = F.linear(F.relu(F.linear(plan.table.to(acc), w1, b1)), w2, b2)  # (U, h)
+            # Kernels (ours and SDPA's mask) want a row-major bias; expand_bias gives one.
+            return expand_bias(per_pair, plan)
 
     def position_bias(self, geo: StageGeometry, device) -> Tensor:
         params = (self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias)
