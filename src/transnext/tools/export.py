@@ -275,7 +275,7 @@ def run(args) -> ExportResult:
           f"in {time.perf_counter() - t0:.0f} s")
     for c in res.checks:
         print(f"  check {c['size'][0]}x{c['size'][1]}: largest difference {c['max_abs']:.3g} "
-              f"(relative to the largest output {c['rel']:.3g})")
+              f"({c['rel']:.3g} of the largest output, {c['max_ref']:.3g})")
     if res.worst_rel > RTOL:
         raise UserError(f"{res.path} was written but differs from PyTorch by "
                         f"{res.worst_rel:.3g} relative (limit {RTOL:g})")
