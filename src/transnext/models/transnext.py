@@ -466,7 +466,9 @@ class TransNeXt(nn.Module):
             raise ValueError(f"empty image batch of shape {tuple(x.shape)}")
 
     def _geometry(self, stage: int, H: int, W: int) -> StageGeometry:
-        if symbolic_tables.is_symbolic(H, W):  # export hook: dynamic height/width
+        # Export hook: dynamic height/width under torch.export (torch.compile keeps its own
+        # size guards and the cached Python tables).
+        if symbolic_tables.exporting() and symbolic_tables.is_symbolic(H, W):
             return symbolic_tables.stage_geometry(
                 H, W, stage, self.sr_ratios[stage], self.pretrain_size,
                 self.fixed_pool_size, self.pos_bias, self.img_size)
