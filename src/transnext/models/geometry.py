@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.position_bias import FactoredBias
 from ..tables import cached
 
 POS_BIAS_MODES = ("extrapolate", "interpolate")
@@ -89,7 +90,7 @@ def _axis_taps(q_len: int, k_len: int, q0_len: int, k0_len: int, pre: int, devic
     # taken in cells (divisor 1) instead of dividing by zero.
     divisor = float(max(pre - 1, 1))
     offsets = torch.tensor(values, dtype=torch.float32, device=device) / divisor * 8
-    idx_t = torch.tensor(idx, dtype=torch.long, device=device).t().contiguous()
+    idx_t = torch.tensor(idx, dtype=torch.int32, device=device).t().contiguous()
     w_t = None
     if idx_t.shape[0] > 1:
         w_t = torch.tensor(wts, dtype=torch.float32, device=device).t().contiguous()
@@ -107,9 +108,9 @@ class BiasPlan:
     of a scatter of the whole bias into a few hundred cells."""
 
     table: Tensor  # (Uh * Uw, 2) log-spaced (dh, dw), row-major over (Uh, Uw)
-    h_idx: Tensor  # (Jh, Hq * Hk)
+    h_idx: Tensor  # (Jh, Hq * Hk) int32
     h_w: Tensor | None  # (Jh, Hq * Hk), None when Jh == 1 (weights of 1)
-    w_idx: Tensor  # (Jw, Wq * Wk)
+    w_idx: Tensor  # (Jw, Wq * Wk) int32
     w_w: Tensor | None
     q_hw: tuple[int, int]
     k_hw: tuple[int, int]
@@ -143,22 +144,19 @@ def _spread(x: Tensor, dim: int, idx: Tensor, w: Tensor | None) -> Tensor:
     return out
 
 
-def expand_bias(per_pair: Tensor, plan: BiasPlan) -> Tensor:
-    """(U, h) cpb-MLP outputs on ``plan.table`` -> the (h, Nq, Nk) bias, row-major.
-
-    The last, large step runs along the axis with fewer taps (in interpolate mode at
-    800x1333 from img_size 800 only the width is resized, so the height step is a plain
-    row copy); the first step only touches tables of (h, U, Nq_axis * Nk_axis)."""
+def factor_bias(per_pair: Tensor, plan: BiasPlan) -> FactoredBias:
+    """(U, h) cpb-MLP outputs on ``plan.table`` -> the bias in factored form: spread along
+    the width axis here (small: (h, Uh, Wq * Wk)), along the height axis by whoever reads
+    it (the Triton kernels, or :meth:`FactoredBias.dense`)."""
     h = per_pair.shape[1]
-    (Hq, Wq), (Hk, Wk) = plan.q_hw, plan.k_hw
     t = per_pair.t().reshape(h, -1, plan.num_w)  # (h, Uh, Uw)
-    if plan.h_idx.shape[0] <= plan.w_idx.shape[0]:
-        small = _spread(t, 2, plan.w_idx, plan.w_w)  # (h, Uh, Wq * Wk)
-        big = _spread(small, 1, plan.h_idx, plan.h_w)  # (h, Hq * Hk, Wq * Wk)
-    else:
-        small = _spread(t, 1, plan.h_idx, plan.h_w)  # (h, Hq * Hk, Uw)
-        big = _spread(small, 2, plan.w_idx, plan.w_w)
-    return big.view(h, Hq, Hk, Wq, Wk).permute(0, 1, 3, 2, 4).reshape(h, Hq * Wq, Hk * Wk)
+    return FactoredBias(_spread(t, 2, plan.w_idx, plan.w_w), plan.h_idx, plan.h_w,
+                        plan.q_hw, plan.k_hw)
+
+
+def expand_bias(per_pair: Tensor, plan: BiasPlan) -> Tensor:
+    """(U, h) cpb-MLP outputs on ``plan.table`` -> the (h, Nq, Nk) bias, row-major."""
+    return factor_bias(per_pair, plan).dense()
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def _axis_taps(q_len, k_len, q0_len, k0_len, pre: int, device, interpolate: bool
     divisor = float(max(pre - 1, 1))  # same normalisation as geometry
     if not interpolate:  # the bias is built on the actual grids
         values, index = axis_table(q_len, k_len, device)
-        return values / divisor * 8, index.reshape(1, -1), None
+        return values / divisor * 8, index.reshape(1, -1).to(torch.int32), None
     # interpolate: a fixed reference grid, bilinear taps to the actual (symbolic) grids
     values, inverse = _eager_axis_table(q0_len, k0_len)
     inverse = torch.tensor(inverse, dtype=torch.long, device=device)
@@ -95,7 +95,7 @@ def _axis_taps(q_len, k_len, q0_len, k0_len, pre: int, device, interpolate: bool
     ki, kw = bilinear_taps(k_len, k0_len, device)
     idx = inverse[qi[:, None, :, None], ki[None, :, None, :]]  # (q, k, 2, 2)
     w = qw[:, None, :, None] * kw[None, :, None, :]
-    return (offsets, idx.reshape(-1, 4).t().contiguous(),
+    return (offsets, idx.reshape(-1, 4).t().to(torch.int32).contiguous(),
             w.reshape(-1, 4).t().to(torch.float32).contiguous())
 
 

@@ -8,6 +8,7 @@ weights load without renaming. Behaviour: ``shared/SPEC.md``.
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
 
 import torch
@@ -22,10 +23,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ..ops import aggregated_attention, full_attention
+from ..ops.aggregated_attention import resolve_backend
 from .archs import ARCHS, PRETRAIN_SIZE
 from .checkpoint import checkpoint_filter_fn
 from . import symbolic_tables
-from .geometry import POS_BIAS_MODES, StageGeometry, expand_bias, stage_geometry
+from .geometry import POS_BIAS_MODES, StageGeometry, factor_bias, stage_geometry
 
 __all__ = ["TransNeXt", "ARCHS"]
 
@@ -184,7 +186,7 @@ class _PositionBias(nn.Module):
         self.cpb_fc2 = nn.Linear(512, num_heads, bias=True)
         self._bias_cache: dict = {}
 
-    def _compute_bias(self, geo: StageGeometry, device) -> Tensor:
+    def _compute_bias(self, geo: StageGeometry, device, factored: bool):
         plan = geo.bias_plan(device)
         # fp32 regardless of autocast: the bias is small, shared and cacheable.
         with torch.autocast(device_type=device.type, enabled=False):
@@ -192,21 +194,40 @@ class _PositionBias(nn.Module):
             w1, w2 = self.cpb_fc1.weight.to(acc), self.cpb_fc2.weight.to(acc)
             b1, b2 = self.cpb_fc1.bias.to(acc), self.cpb_fc2.bias.to(acc)
             per_pair = F.linear(F.relu(F.linear(plan.table.to(acc), w1, b1)), w2, b2)  # (U, h)
-            # Kernels (ours and SDPA's mask) want a row-major bias; expand_bias gives one.
-            return expand_bias(per_pair, plan)
+            bias = factor_bias(per_pair, plan)
+            # the Triton kernels read the factored form; SDPA and the reference a dense one
+            return bias if factored else bias.dense()
 
-    def position_bias(self, geo: StageGeometry, device) -> Tensor:
+    def position_bias(self, geo: StageGeometry, device, factored: bool = False):
+        """The (h, Nq, Nk) bias, or with ``factored`` an ``ops.position_bias.FactoredBias``."""
         params = (self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias)
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if needs_grad or torch.compiler.is_compiling():
-            return self._compute_bias(geo, device)
-        key = (geo, str(device), tuple((p.data_ptr(), p._version) for p in params))
+            return self._compute_bias(geo, device, factored)
+        key = (geo, str(device), factored, tuple((p.data_ptr(), p._version) for p in params))
         bias = self._bias_cache.get(key)
         if bias is None:
             if len(self._bias_cache) >= 4:
                 self._bias_cache.clear()
-            bias = self._bias_cache[key] = self._compute_bias(geo, device)
+            bias = self._bias_cache[key] = self._compute_bias(geo, device, factored)
         return bias
+
+
+POOL_BIAS_FORMS = ("auto", "dense", "factored")
+
+
+def _factored(backend: str) -> bool:
+    """Hand the Triton kernels the factored pool bias (``ops.position_bias``)? ``auto``:
+    when a graph is recorded (training): the (h, N, P) bias is then never written nor kept
+    for the backward (at 800x1333 the step's peak memory halves); in inference the dense
+    bias is cached per size and read faster. ``TRANSNEXT_POOL_BIAS=dense|factored``
+    forces one form (benchmarks)."""
+    form = os.environ.get("TRANSNEXT_POOL_BIAS", "auto").strip().lower() or "auto"
+    if form not in POOL_BIAS_FORMS:
+        raise ValueError(f"TRANSNEXT_POOL_BIAS={form!r} is not one of {', '.join(POOL_BIAS_FORMS)}")
+    if backend != "triton" or form == "dense":
+        return False
+    return form == "factored" or torch.is_grad_enabled()
 
 
 def _query_params(num_heads: int, head_dim: int) -> tuple[nn.Parameter, nn.Parameter]:
@@ -264,13 +285,15 @@ class AggregatedAttention(_PositionBias):
         pooled = self.norm(_map_to_tokens(pooled))
         k_pool, v_pool = self.kv(pooled).reshape(B, geo.num_pool, 2, h, d).unbind(2)
 
+        backend = resolve_backend(q, self.attn_drop, self.training)
         # Attention-map hook (tools/attention_map.py): keep the reference's softmax weights.
         keep = getattr(self, "keep_weights", False)
         out = aggregated_attention(
-            q, k, v, k_pool, v_pool, self.position_bias(geo, x.device),
+            q, k, v, k_pool, v_pool, self.position_bias(geo, x.device, _factored(backend)),
             self.query_embedding, self.temperature, self.relative_pos_bias_local,
             self.learnable_tokens, self.learnable_bias, H, W, self.window_size,
-            attn_drop=self.attn_drop, training=self.training, return_weights=keep,
+            attn_drop=self.attn_drop, training=self.training, backend=backend,
+            return_weights=keep,
         )
         if keep:
             out, self.weights = out
