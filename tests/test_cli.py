@@ -71,9 +71,9 @@ def test_info_subcommand(tmp_path, capsys):
 
 
 def test_unknown_model_and_recipe_messages(tmp_path, capsys):
-    assert main(["train", "--model", "no_such_model", "--data-dir", str(tmp_path),
-                 "--output", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "data directory" in err or "unknown model" in err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", "no_such_model", "--data-dir", str(tmp_path),
+              "--output", str(tmp_path / "o")])
+    assert e.value.code == 2 and "unknown model 'no_such_model'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--recipe", "no-such-recipe"])

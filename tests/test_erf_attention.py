@@ -79,9 +79,13 @@ def test_erf_cli_errors(tmp_path, capsys):
                "--output", str(tmp_path / "e.png")])
     assert rc == 2 and "no image files" in capsys.readouterr().err
     write_image(tmp_path / "imgs" / "a.png", 0, 0)
-    rc = main(["erf", "--model", "transnext_femto", "convnext_atto", "--checkpoint", "none",
-               "--images", str(tmp_path / "imgs"), "--output", str(tmp_path / "e.png")])
-    assert rc == 2 and "1 paths for 2 models" in capsys.readouterr().err
+    for extra, needle in ((["convnext_atto", "--checkpoint", "none"], "1 paths for 2 models"),
+                          (["transnext_femto"], "given twice"),
+                          (["--checkpoint", str(tmp_path / "no.pth")], "file not found")):
+        rc = main(["erf", "--model", "transnext_femto", *extra, "--images",
+                   str(tmp_path / "imgs"), "--output", str(tmp_path / "e.png")])
+        assert rc == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "e.png").exists()
 
 
 def _femto():
@@ -148,7 +152,7 @@ def test_attention_map_cli(tmp_path, capsys):
     assert Image.open(out).size[1] > 600  # one row per head (femto stage 2: 2 heads)
     assert "weights sum to 1.000000-1.000000" in text.out
     for argv, needle in ((["--stage", "4"], "full attention"), (["--block", "5"], "blocks 0-0"),
-                         (["--query", "50", "0"], "outside")):
+                         (["--query", "50", "0"], "outside"), (["--query", "5"], "takes Y X")):
         base = ["attention-map", str(img), "--model", "transnext_femto", "--output", str(out)]
         rc = main(base + (argv if "--query" in argv else argv + ["--query", "1", "1"]))
         assert rc == 2 and needle in capsys.readouterr().err

@@ -145,7 +145,6 @@ def test_export_cli_femto(tmp_path, capsys):
      "--pos-bias interpolate needs --img-size"),
     (["--model", "convnext_atto", "--format", "onnx", "--fixed-pool-size", "7"],
      "TransNeXt options"),
-    (["--model", "transnext_nope", "--format", "onnx"], "unknown model"),
 ])
 def test_export_cli_errors(tmp_path, capsys, argv, needle):
     rc = main(["export", *argv, "--output", str(tmp_path / "x.onnx")])
@@ -156,11 +155,14 @@ def test_export_cli_errors(tmp_path, capsys, argv, needle):
 
 def test_export_cli_bad_flags(tmp_path, capsys):
     for argv, needle in ((["--format", "tflite"], "invalid choice"),
-                         (["--format", "onnx", "--input-size", "0", "5"], "not a positive"),
-                         (["--format", "onnx", "--output", str(tmp_path / "no" / "x.onnx")],
-                          "does not exist")):
-        if "--output" not in argv:
-            argv = argv + ["--output", str(tmp_path / "x.onnx")]
+                         (["--format", "onnx", "--input-size", "0", "5"], "1 or more"),
+                         (["--format", "onnx", "--output", str(tmp_path)], "folder"),
+                         (["--model", "transnext_nope"], "unknown model")):
+        argv = ["--model", "transnext_femto", "--format", "onnx",
+                "--output", str(tmp_path / "x.onnx")] + argv  # the later flag wins
         with pytest.raises(SystemExit) as e:
-            main(["export", "--model", "transnext_femto", *argv])
+            main(["export", *argv])
         assert e.value.code == 2 and needle in capsys.readouterr().err
+    rc = main(["export", "--model", "transnext_femto", "--format", "onnx", "--input-size",
+               "64", "64", "64", "--output", str(tmp_path / "x.onnx")])
+    assert rc == 2 and "takes S or H W" in capsys.readouterr().err

@@ -25,8 +25,8 @@ from timm.models._features import feature_take_indices
 from ..ops import aggregated_attention, full_attention
 from ..ops.aggregated_attention import resolve_backend
 from .archs import ARCHS, PRETRAIN_SIZE
-from .checkpoint import checkpoint_filter_fn
 from . import symbolic_tables
+from .checkpoint import checkpoint_filter_fn, read_pretrained_file
 from .geometry import POS_BIAS_MODES, StageGeometry, factor_bias, stage_geometry
 
 __all__ = ["TransNeXt", "ARCHS"]
@@ -398,6 +398,15 @@ class TransNeXt(nn.Module):
         img_size = _check_img_size(img_size)
         if not isinstance(pretrain_size, int) or pretrain_size < 1:
             raise ValueError(f"pretrain_size must be a positive int, got {pretrain_size!r}")
+        _check_int("in_chans", in_chans, 1)
+        _check_int("num_classes", num_classes, 0)
+        _check_arch(embed_dims, num_heads, depths, mlp_ratios, sr_ratios, window_size)
+        for name, rate in (("drop_rate", drop_rate), ("proj_drop_rate", proj_drop_rate),
+                           ("attn_drop_rate", attn_drop_rate),
+                           ("drop_path_rate", drop_path_rate)):
+            _check_rate(name, rate)
+        if glu_recompute not in (None, True, False):
+            raise ValueError(f"glu_recompute must be None, True or False, got {glu_recompute!r}")
         _check_pool(global_pool, num_classes)
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -576,6 +585,46 @@ def _check_pool(global_pool: str, num_classes: int) -> None:
                          "num_classes=0, since the classifier is applied to pooled features")
 
 
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int of {low} or more, got {value!r}")
+
+
+def _check_rate(name: str, value) -> None:
+    # 1 would drop everything (DropPath divides by 1 - rate)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def _check_arch(embed_dims, num_heads, depths, mlp_ratios, sr_ratios, window_size) -> None:
+    per_stage = dict(embed_dims=embed_dims, num_heads=num_heads, depths=depths,
+                     mlp_ratios=mlp_ratios, sr_ratios=sr_ratios)
+    lengths = {}
+    for name, seq in per_stage.items():
+        if isinstance(seq, (str, bytes)) or not hasattr(seq, "__len__"):
+            raise ValueError(f"{name} must be a sequence with one value per stage, got {seq!r}")
+        lengths[name] = len(seq)
+    if len(set(lengths.values())) != 1 or not lengths["depths"]:
+        raise ValueError(f"embed_dims, num_heads, depths, mlp_ratios and sr_ratios need one "
+                         f"value per stage, got lengths {lengths}")
+    for i in range(lengths["depths"]):
+        _check_int(f"embed_dims[{i}]", embed_dims[i], 1)
+        _check_int(f"num_heads[{i}]", num_heads[i], 1)
+        _check_int(f"depths[{i}]", depths[i], 0)
+        _check_int(f"sr_ratios[{i}]", sr_ratios[i], 1)
+        if embed_dims[i] % num_heads[i]:
+            raise ValueError(f"embed_dims[{i}]={embed_dims[i]} is not divisible by "
+                             f"num_heads[{i}]={num_heads[i]}")
+        r = mlp_ratios[i]
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or int(
+                2 * int(embed_dims[i] * r) / 3) < 1:
+            raise ValueError(f"mlp_ratios[{i}]={r!r} leaves the GLU of a {embed_dims[i]}-wide "
+                             f"stage no hidden channel")
+    _check_int("window_size", window_size, 1)
+    if window_size % 2 != 1:
+        raise ValueError(f"window_size must be odd, got {window_size}")
+
+
 def _check_img_size(size) -> int | tuple[int, int] | None:
     if size is None:
         return None
@@ -639,13 +688,22 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> TransNeXt:
     model_args = dict(ARCHS[variant], pretrain_size=PRETRAIN_SIZE.get(variant, 224))
     if kwargs.get("pretrain_size") is None:
         kwargs.pop("pretrain_size", None)
+    if pretrained:  # a local file: read (and refused) by the package's loader
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay"):
+            if isinstance(kwargs.get(key), dict):
+                kwargs[key] = read_pretrained_file(kwargs[key])
     model_args.update(kwargs)
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         TransNeXt, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
         **model_args,
     )
+    for m in (model, getattr(model, "model", None)):  # features_only wraps the model
+        cfg = getattr(m, "pretrained_cfg", None)
+        if isinstance(cfg, dict) and cfg.get("state_dict") is not None:
+            cfg["state_dict"] = None  # loaded; don't keep a second copy of the weights
+    return model
 
 
 def _register(name: str):

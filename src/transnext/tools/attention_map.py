@@ -159,6 +159,7 @@ def run(args) -> dict:
     q = (min(int(Y * scale), size[0] - 1), min(int(X * scale), size[1] - 1))
     res = query_weights(model, x, args.stage, args.block, q)
     shown = np.asarray(img.convert("RGB")) / 255.0
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     plot(shown, res, q, args.output, args.heads,
          f"{args.model} block{args.stage}.{args.block}, query ({Y}, {X}) -> map cell "
          f"{res['cell']} of {res['map_hw'][0]}x{res['map_hw'][1]}")

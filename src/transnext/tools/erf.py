@@ -135,22 +135,14 @@ def run(args) -> dict:
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    names = list(args.model)
-    ckpts = list(args.checkpoint or [])
-    if ckpts and len(ckpts) != len(names):
-        raise UserError(f"--checkpoint: {len(ckpts)} paths for {len(names)} models (one per "
-                        f"--model, 'none' for random weights)")
-    ckpts = [None if c in (None, "none") else c for c in ckpts] or [None] * len(names)
-    for c in ckpts:
-        if c is not None and not Path(c).is_file():
-            raise UserError(f"--checkpoint: file not found: {c}")
-    if len(set(names)) != len(names):
-        raise UserError("--model: a name is given twice")
+    names = list(args.model)  # counts and files checked by tools/parsers.py
+    ckpts = [None if c == "none" else c for c in args.checkpoint or []] or [None] * len(names)
     device = resolve_device(args.device)
     paths = list_images(args.images, args.num)
     if len(paths) < args.num:
         print(f"note: {len(paths)} images in {args.images} (--num {args.num})")
     out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
     maps, shares = {}, {}
     for name, ckpt in zip(names, ckpts):
         model, meta = load_for_inference(name, ckpt, device=device)

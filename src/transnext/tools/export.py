@@ -146,8 +146,6 @@ def export_model(model: nn.Module, output, fmt: str = "onnx", input_size=(224, 2
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     output = Path(output)
-    if not output.parent.is_dir():
-        raise UserError(f"--output {output}: folder {output.parent} does not exist")
     model = model.eval().cpu()
     hw = tuple(int(v) for v in input_size)
     lo = None
@@ -163,6 +161,7 @@ def export_model(model: nn.Module, output, fmt: str = "onnx", input_size=(224, 2
         dynamic_shapes = (dims,)
     x = _example(model, in_chans, hw, batch)
     tmp = output.with_name(output.name + ".tmp")
+    output.parent.mkdir(parents=True, exist_ok=True)
     with _export_mode(), torch.no_grad():
         try:
             ep = torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes, strict=False)
@@ -234,12 +233,6 @@ def _build(args) -> tuple[nn.Module, int]:
         kwargs["pos_bias"] = args.pos_bias
     if args.img_size is not None:
         kwargs["img_size"] = args.img_size
-    if kwargs and not args.model.startswith("transnext"):
-        raise UserError(f"--fixed-pool-size/--pos-bias/--img-size are TransNeXt options; "
-                        f"model '{args.model}' has none")
-    if kwargs.get("pos_bias") == "interpolate" and "img_size" not in kwargs:
-        raise UserError("--pos-bias interpolate needs --img-size (800 for the released "
-                        "detection and segmentation models)")
     model, meta = load_for_inference(args.model, args.checkpoint, device="cpu",
                                      num_classes=args.num_classes, in_chans=args.in_chans,
                                      **kwargs)
@@ -265,7 +258,8 @@ def run(args) -> ExportResult:
             raise UserError(f"--format onnx needs onnx and onnxruntime "
                             f"(pip install 'transnext-pytorch[export]'): {e}") from None
     model, in_chans = _build(args)
-    hw = tuple(args.input_size) if args.input_size else (224, 224)
+    size = list(args.input_size or [224])
+    hw = (size[0], size[-1])  # S or H W
     t0 = time.perf_counter()
     res = export_model(model, args.output, args.format, hw, dynamic=args.dynamic,
                        in_chans=in_chans, batch=args.batch, opset=args.opset)

@@ -1,52 +1,38 @@
 """Parsers of `transnext export|erf|attention-map` (argparse only: the tools, and torch,
-are imported when a command runs). Flag values are checked here, one line per problem."""
+are imported when a command runs). Values go through ``cli_checks``; combinations are
+refused by the ``check`` functions before any work."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from ..cli_checks import (UsageError, existing_dir, existing_file, model_name,
+                          non_negative_int, output_file, positive_int)
 
 FORMATS = ("onnx", "exported-program")
 
 
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} is not a positive integer")
-    return v
+def _check_export(args) -> None:
+    """Flag combinations that cannot work, before any model is built."""
+    tn = ("fixed_pool_size", "pos_bias", "img_size")
+    if any(getattr(args, k) is not None for k in tn) and not args.model.startswith("transnext"):
+        raise UsageError(f"--fixed-pool-size/--pos-bias/--img-size are TransNeXt options; "
+                         f"model '{args.model}' has none")
+    if args.pos_bias == "interpolate" and args.img_size is None:
+        raise UsageError("--pos-bias interpolate needs --img-size (800 for the released "
+                         "detection and segmentation models)")
+    if args.input_size is not None and len(args.input_size) > 2:
+        raise UsageError(f"--input-size takes S or H W, got {len(args.input_size)} values")
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} is negative")
-    return v
-
-
-def existing_file(text: str) -> str:
-    if not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"file not found: {text}")
-    return text
-
-
-def existing_dir(text: str) -> str:
-    if not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"folder not found: {text}")
-    return text
-
-
-def output_file(text: str) -> str:
-    parent = Path(text).parent
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"folder {parent} of {text} does not exist")
-    if Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file name")
-    return text
+def _check_erf(args) -> None:
+    if args.checkpoint and len(args.checkpoint) != len(args.model):
+        raise UsageError(f"--checkpoint: {len(args.checkpoint)} paths for {len(args.model)} "
+                         f"models (one per --model, 'none' for random weights)")
+    if len(set(args.model)) != len(args.model):
+        raise UsageError("--model: a name is given twice")
+    for c in args.checkpoint or []:
+        if c != "none" and not Path(c).is_file():
+            raise UsageError(f"--checkpoint: file not found: {c}")
 
 
 def _add_export(sub) -> None:
@@ -56,11 +42,11 @@ def _add_export(sub) -> None:
                     "torch.export.load) against eager PyTorch when written; with --dynamic "
                     "also at two other sizes. Prints the largest difference.")
     a = p.add_argument
-    a("--model", required=True, help="e.g. transnext_tiny (any timm model name)")
+    a("--model", type=model_name, required=True, help="e.g. transnext_tiny (any timm model)")
     a("--checkpoint", type=existing_file, default=None, help="weights (.pth/.safetensors)")
     a("--format", required=True, choices=FORMATS)
-    a("--input-size", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
-      help="export size (default 224 224); with --dynamic the example size")
+    a("--input-size", type=positive_int, nargs="+", metavar="S", default=None,
+      help="export size: S (square) or H W (default 224); with --dynamic the example size")
     a("--dynamic", action="store_true", help="symbolic height and width: one file, any size "
                                              "from the model's minimum up")
     a("--output", type=output_file, required=True, metavar="FILE")
@@ -77,7 +63,7 @@ def _add_export(sub) -> None:
     a("--time", type=non_negative_int, default=0, metavar="N",
       help="also time N runs of the export and of eager PyTorch (median ms)")
     a("--threads", type=positive_int, default=None, help="CPU threads")
-    p.set_defaults(func=_run("export"))
+    p.set_defaults(func=_run("export"), check=_check_export)
 
 
 def _add_erf(sub) -> None:
@@ -87,7 +73,8 @@ def _add_erf(sub) -> None:
                     "the input pixels, absolute, summed over channels, averaged over N "
                     "images; drawn log-scaled. Several --model names: side by side.")
     a = p.add_argument
-    a("--model", required=True, nargs="+", help="one or more timm model names")
+    a("--model", type=model_name, required=True, nargs="+",
+      help="one or more timm model names")
     a("--checkpoint", nargs="+", default=None, metavar="PATH",
       help="weights per model, in --model order ('none' for random weights)")
     a("--images", type=existing_dir, required=True, metavar="DIR",
@@ -99,7 +86,7 @@ def _add_erf(sub) -> None:
            "area shares to <stem>.json")
     a("--device", default=None)
     a("--threads", type=positive_int, default=None, help="CPU threads")
-    p.set_defaults(func=_run("erf"))
+    p.set_defaults(func=_run("erf"), check=_check_erf)
 
 
 def _add_attention_map(sub) -> None:
@@ -110,10 +97,10 @@ def _add_attention_map(sub) -> None:
                     "pooling cell), per head or averaged.")
     a = p.add_argument
     a("image", type=existing_file, metavar="IMAGE")
-    a("--model", required=True)
+    a("--model", type=model_name, required=True)
     a("--checkpoint", type=existing_file, default=None)
-    a("--query", type=non_negative_int, nargs=2, required=True, metavar=("Y", "X"),
-      help="query pixel, row and column in the input image")
+    a("--query", type=non_negative_int, nargs="+", required=True, metavar="Y X",
+      help="query pixel, row and column in the image file")
     a("--stage", type=positive_int, default=1, help="1-3 (aggregated-attention stages)")
     a("--block", type=non_negative_int, default=0, help="block index in the stage, from 0 "
                                                         "(checkpoint name block{stage}.{block})")
@@ -121,7 +108,12 @@ def _add_attention_map(sub) -> None:
                                                                "each")
     a("--input-size", type=positive_int, default=224, help="image side fed to the model")
     a("--output", type=output_file, required=True, metavar="PNG")
-    p.set_defaults(func=_run("attention_map"))
+    p.set_defaults(func=_run("attention_map"), check=_check_attention_map)
+
+
+def _check_attention_map(args) -> None:
+    if len(args.query) != 2:
+        raise UsageError(f"--query takes Y X (row, column), got {len(args.query)} values")
 
 
 def _run(tool: str):
