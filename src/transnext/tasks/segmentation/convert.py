@@ -1,0 +1,162 @@
+"""The released ADE20K UperNet checkpoints (mmseg 0.30) -> ``TransNeXtUperNet``.
+
+One key-mapping table for the head; the backbone part goes through the package's
+one checkpoint loader (variant check, strict keys). Strict: every model key must
+be filled and every file key must be mapped, else the missing and unexpected keys
+are named. Files are read with ``weights_only=True``; a file whose ``meta`` holds
+objects that refuses is read by ``safe_pickle`` (tensors only, no code run).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ...models import CheckpointError, apply_checkpoint, read_checkpoint
+from ...models.checkpoint import describe, variant_name
+from ..common.safe_pickle import load_tensors_only
+from .model import TransNeXtUperNet, build_upernet
+
+# mmseg UPerHead / FCNHead module names -> transformers' UperNet names.
+_CONV_MODULES = (r"decode_head\.psp_modules\.\d+\.1|decode_head\.bottleneck|"
+                 r"decode_head\.lateral_convs\.\d+|decode_head\.fpn_convs\.\d+|"
+                 r"decode_head\.fpn_bottleneck|auxiliary_head\.convs\.\d+")
+UPERNET_HEAD_MAP = [
+    (rf"^({_CONV_MODULES})\.conv\.weight$", r"\1.conv.weight"),
+    (rf"^({_CONV_MODULES})\.bn\.(weight|bias|running_mean|running_var|num_batches_tracked)$",
+     r"\1.batch_norm.\2"),
+    (r"^(decode_head|auxiliary_head)\.conv_seg\.(weight|bias)$", r"\1.classifier.\2"),
+]
+_HEAD_MAP = [(re.compile(a), b) for a, b in UPERNET_HEAD_MAP]
+
+# What other released heads look like (for refusing them by name).
+_HEAD_SIGNS = [
+    ("UperNet", "decode_head.psp_modules."),
+    ("Mask2Former", "decode_head.pixel_decoder."),
+    ("Mask R-CNN", "roi_head."),
+    ("DINO", "dn_query_generator."),
+]
+
+
+class ConvertError(CheckpointError):
+    """A checkpoint that is not a loadable UperNet of the asked variant."""
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """The tensors under ``state_dict`` (or the top level) of a released file."""
+    path = Path(path)
+    try:
+        obj = read_checkpoint(path)
+    except CheckpointError as e:
+        if "weights_only=True will not unpickle" not in str(e):
+            raise
+        # e.g. numpy objects or mmengine history in meta/message_hub: take the tensors only
+        try:
+            obj = load_tensors_only(path)
+        except Exception as e2:  # noqa: BLE001 - any failure here is a bad file
+            raise CheckpointError(f"cannot read checkpoint {path}: {e2}") from None
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path} holds no state dict")
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    for prefix in ("module.",):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    if not sd:
+        raise CheckpointError(f"{path} holds no tensors")
+    return sd
+
+
+def head_kind(sd: dict) -> str:
+    for name, sign in _HEAD_SIGNS:
+        if any(k.startswith(sign) for k in sd):
+            return name
+    if any(k.startswith("decode_head.") for k in sd):
+        return "another segmentation head"
+    return "no segmentation head (a backbone or classification checkpoint)"
+
+
+def file_variant(sd: dict) -> str:
+    """The TransNeXt variant of a dense checkpoint's backbone, e.g. 'transnext_tiny'."""
+    bb = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return variant_name(describe(bb))
+
+
+def map_head_keys(sd: dict) -> tuple[dict, list[str]]:
+    """Head keys renamed by the table; returns (mapped, unmapped file keys)."""
+    out, unmapped = {}, []
+    for k, v in sd.items():
+        if k.startswith("backbone."):
+            continue
+        for pat, rep in _HEAD_MAP:
+            if pat.match(k):
+                out[pat.sub(rep, k)] = v
+                break
+        else:
+            unmapped.append(k)
+    return out, unmapped
+
+
+def _summary(keys, limit=6) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_upernet_state(model: TransNeXtUperNet, sd: dict, source: str) -> None:
+    """Load a released UperNet state dict strictly into ``model``."""
+    kind = head_kind(sd)
+    if kind != "UperNet":
+        raise ConvertError(f"{source} is a {kind} checkpoint, not UperNet")
+    want = model.config.backbone_config.model_name
+    have = file_variant(sd)
+    if have != want:
+        raise ConvertError(f"{source} holds a UperNet on {have}, but the model is {want}")
+    head, unmapped = map_head_keys(sd)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    missing = [k for k in own if k not in head]
+    unexpected = unmapped + [k for k in head if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {_summary(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {_summary(unexpected)}")
+        raise ConvertError(f"{source} does not fit the UperNet: " + "; ".join(parts))
+    bad = [f"{k} {tuple(head[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if head[k].shape != own[k].shape]
+    if bad:
+        raise ConvertError(f"{source} has head tensors of other shapes (another class count "
+                           f"or head width?): {_summary(bad, 4)}")
+    backbone = {k: v for k, v in sd.items() if k.startswith("backbone.")}
+    apply_checkpoint(model.backbone.model, {"state_dict": backbone}, source, strict=True)
+    missing_h, unexpected_h = model.load_state_dict(head, strict=False)
+    assert not unexpected_h and all(k.startswith("backbone.") for k in missing_h)
+
+
+def upernet_from_released(path, model_name: str | None = None, *, pos_bias: str = "interpolate",
+                          img_size=512, id2label: dict | None = None) -> TransNeXtUperNet:
+    """Build the UperNet a released file describes (variant, class count, widths) and
+    load it. ``model_name``, when given, must match the file's variant."""
+    sd = read_state_dict(path)
+    kind = head_kind(sd)
+    source = f"checkpoint {path}"
+    if kind != "UperNet":
+        raise ConvertError(f"{source} is a {kind} checkpoint, not UperNet")
+    variant = file_variant(sd)
+    if model_name is not None and variant != model_name:
+        raise ConvertError(f"{source} holds a UperNet on {variant}, not {model_name}")
+    if not variant.startswith("transnext_") or " " in variant:
+        raise ConvertError(f"{source}: its backbone is {variant}")
+    try:
+        num_labels = int(sd["decode_head.conv_seg.weight"].shape[0])
+        channels = int(sd["decode_head.bottleneck.conv.weight"].shape[0])
+        aux = "auxiliary_head.conv_seg.weight" in sd
+        aux_channels = int(sd["auxiliary_head.convs.0.conv.weight"].shape[0]) if aux else 256
+    except KeyError as e:
+        raise ConvertError(f"{source} does not fit the UperNet: missing key {e}") from None
+    model = build_upernet(variant, num_labels, pos_bias=pos_bias, img_size=img_size,
+                          channels=channels, aux_channels=aux_channels, aux=aux,
+                          id2label=id2label)
+    load_upernet_state(model, sd, source)
+    return model.eval()
