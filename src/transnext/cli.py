@@ -157,11 +157,13 @@ def _run_info(args):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="transnext", description="TransNeXt classification jobs")
     p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,info}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,info,seg}")
     _add_train(sub)
     _add_eval(sub)
     _add_predict(sub)
     _add_info(sub)
+    from .tasks.segmentation.cli import add_parser as _add_seg
+    _add_seg(sub)
     return p
 
 

@@ -4,7 +4,17 @@
 ``UperNetForSemanticSegmentation`` with a TransNeXt backbone and the pieces
 where the original mmseg stack computes something else); ``convert`` loads the
 released ADE20K checkpoints; ``inference`` and ``metrics`` evaluate as mmseg.
+Imported lazily: the CLI lists ``seg`` without importing transformers.
 """
-from .model import TransNeXtUperNet, build_upernet, upernet_config
+_LAZY = {"TransNeXtUperNet": "model", "build_upernet": "model", "upernet_config": "model",
+         "upernet_from_released": "convert", "load_model": "evaluate"}
 
-__all__ = ["TransNeXtUperNet", "build_upernet", "upernet_config"]
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(name)
+
+
+__all__ = list(_LAZY)

@@ -43,11 +43,12 @@ class ConvertError(CheckpointError):
     """A checkpoint that is not a loadable UperNet of the asked variant."""
 
 
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """The tensors under ``state_dict`` (or the top level) of a released file."""
+def read_any(path) -> dict:
+    """A checkpoint file as a dict, read with ``weights_only=True``; a file whose other
+    entries hold objects that refuses is read by ``safe_pickle`` (tensors only)."""
     path = Path(path)
     try:
-        obj = read_checkpoint(path)
+        return read_checkpoint(path)
     except CheckpointError as e:
         if "weights_only=True will not unpickle" not in str(e):
             raise
@@ -56,16 +57,26 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
             obj = load_tensors_only(path)
         except Exception as e2:  # noqa: BLE001 - any failure here is a bad file
             raise CheckpointError(f"cannot read checkpoint {path}: {e2}") from None
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        return obj
+
+
+def state_dict_of(obj: dict, path) -> dict[str, torch.Tensor]:
+    """The tensors under ``state_dict`` (or the top level) of a released file."""
+    sd = obj.get("state_dict", obj)
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path} holds no state dict")
     sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    for prefix in ("module.",):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
     if not sd:
         raise CheckpointError(f"{path} holds no tensors")
     return sd
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    return state_dict_of(read_any(path), path)
 
 
 def head_kind(sd: dict) -> str:
@@ -138,9 +149,15 @@ def upernet_from_released(path, model_name: str | None = None, *, pos_bias: str 
                           img_size=512, id2label: dict | None = None) -> TransNeXtUperNet:
     """Build the UperNet a released file describes (variant, class count, widths) and
     load it. ``model_name``, when given, must match the file's variant."""
-    sd = read_state_dict(path)
+    return upernet_from_state(read_state_dict(path), f"checkpoint {path}", model_name,
+                              pos_bias=pos_bias, img_size=img_size, id2label=id2label)
+
+
+def upernet_from_state(sd: dict, source: str, model_name: str | None = None, *,
+                       pos_bias: str = "interpolate", img_size=512,
+                       id2label: dict | None = None) -> TransNeXtUperNet:
+    """:func:`upernet_from_released` on a state dict already read."""
     kind = head_kind(sd)
-    source = f"checkpoint {path}"
     if kind != "UperNet":
         raise ConvertError(f"{source} is a {kind} checkpoint, not UperNet")
     variant = file_variant(sd)

@@ -1,0 +1,253 @@
+"""`transnext seg train|eval|predict|convert|make-mosaics`: argument parsing only."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .recipes import RECIPES
+
+log = logging.getLogger("transnext.seg")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def _model_flags(a) -> None:
+    a("--pos-bias", default=None, choices=["interpolate", "extrapolate"],
+      help="backbone position-bias mode (released UperNets: interpolate at 512; "
+           "extrapolate for the extrapolation rows)")
+    a("--img-size", type=_positive_int, default=None,
+      help="interpolate mode: the size the bias is built at (default: the crop size)")
+
+
+def _infer_flags(a) -> None:
+    a("--mode", default=None, choices=["whole", "slide"], help="whole image or sliding window")
+    a("--crop-size", type=_positive_int, default=None, help="sliding window size (default 512)")
+    a("--stride", type=_positive_int, default=None, help="sliding window stride (default 341)")
+    a("--scales", type=_positive_float, nargs="+", default=None,
+      help="multi-scale test ratios, e.g. 0.5 0.75 1.0 1.25 1.5 1.75 (softmax averaged)")
+    a("--flip", action="store_true", help="also the horizontally flipped image")
+    a("--test-scale", type=_positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+      help="keep-ratio rescale before inference, e.g. 2048 512 (ADE20K)")
+    a("--fixed-pool-size", type=_positive_int, default=None, help="linear inference mode")
+    a("--device", default=None)
+    a("--amp", default="none", choices=["bf16", "fp16", "none"])
+    a("--threads", type=_positive_int, default=None, help="CPU intra-op threads")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("seg", help="semantic segmentation (UperNet on TransNeXt)",
+                       description="Semantic segmentation: train, evaluate, predict, convert "
+                                   "released checkpoints, build the Fashion-MNIST mosaic set.")
+    ss = p.add_subparsers(dest="seg_command", required=True,
+                          metavar="{train,eval,predict,convert,make-mosaics}")
+
+    t = ss.add_parser("train", help="train a segmenter (iteration-based)")
+    a = t.add_argument
+    a("--head", default=None, choices=["upernet", "mask2former"])
+    a("--model", default=None, help="TransNeXt variant, e.g. transnext_tiny")
+    a("--recipe", default=None, choices=sorted(RECIPES))
+    a("--data-dir", default=None)
+    a("--dataset", default=None, choices=["folder", "ade20k"])
+    a("--output", default=None, help="folder for checkpoints and logs")
+    a("--iters", type=_positive_int, default=None)
+    a("--batch-size", type=_positive_int, default=None, help="per process")
+    a("--crop-size", type=_positive_int, default=None)
+    a("--scale", type=_positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+      help="random-rescale base size (ratio 0.5-2.0 of it; default 4*crop x crop)")
+    a("--lr", type=_positive_float, default=None)
+    a("--weight-decay", type=float, default=None)
+    a("--warmup-iters", type=int, default=None)
+    a("--power", type=_positive_float, default=None, help="poly schedule power")
+    a("--backbone-lr-mult", type=_positive_float, default=None)
+    a("--clip-grad", type=_positive_float, default=None, help="max gradient norm")
+    a("--drop-path", type=float, default=None)
+    a("--pretrain-size", type=_positive_int, default=None)
+    a("--channels", type=_positive_int, default=None, help="UPerHead width (released: 512)")
+    a("--aux-channels", type=_positive_int, default=None, help="auxiliary head width (256)")
+    a("--pretrained", default=None, metavar="PATH",
+      help="ImageNet backbone weights, or a released/own UperNet checkpoint")
+    a("--resume", default=None, metavar="PATH", help="continue from a last.pth exactly")
+    a("--device", default=None)
+    a("--amp", default=None, choices=["bf16", "fp16", "none"])
+    a("--compile", action="store_true")
+    a("--mode", default=None, choices=["whole", "slide"], help="evaluation inference")
+    a("--test-scale", type=_positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"))
+    a("--eval-interval", type=_positive_int, default=None)
+    a("--ckpt-interval", type=_positive_int, default=None)
+    a("--log-interval", type=_positive_int, default=None)
+    a("--eval-batch-size", type=_positive_int, default=None)
+    a("--workers", type=int, default=None)
+    a("--threads", type=_positive_int, default=None)
+    a("--seed", type=int, default=None)
+    a("--deterministic", action="store_true")
+    a("--no-verify", action="store_true", help="skip the up-front check of every file")
+    a("--no-tensorboard", action="store_true")
+    a("--no-progress", dest="progress", action="store_false")
+    a("--json", default=None, metavar="PATH", help="write the run summary here")
+    a("--stop-after-iters", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    _model_flags(a)
+    t.set_defaults(func=_run_train)
+
+    e = ss.add_parser("eval", help="mIoU / mAcc / aAcc on a dataset's val split")
+    a = e.add_argument
+    a("--checkpoint", required=True, help="seg train checkpoint, converted folder or released .pth")
+    a("--model", default=None, help="expected TransNeXt variant (checked)")
+    a("--data-dir", required=True)
+    a("--dataset", default="folder", choices=["folder", "ade20k"])
+    a("--batch-size", type=_positive_int, default=1)
+    a("--workers", type=int, default=2)
+    a("--json", default=None, metavar="PATH")
+    a("--no-verify", action="store_true")
+    _infer_flags(a)
+    _model_flags(a)
+    e.set_defaults(func=_run_eval)
+
+    pr = ss.add_parser("predict", help="label maps and colour overlays for images")
+    a = pr.add_argument
+    a("images", nargs="+", metavar="IMAGE")
+    a("--checkpoint", required=True)
+    a("--model", default=None)
+    a("--output", required=True, help="folder for <name>_labels.png and <name>_overlay.png")
+    _infer_flags(a)
+    _model_flags(a)
+    pr.set_defaults(func=_run_predict)
+
+    c = ss.add_parser("convert", help="a released (or own) checkpoint -> safetensors + config")
+    a = c.add_argument
+    a("checkpoint", help="e.g. upernet_transnext_tiny_512x512_160k_ade20k_in1k.pth")
+    a("--output", required=True, help="folder for model.safetensors + config.json")
+    a("--model", default=None, help="expected TransNeXt variant (checked)")
+    _model_flags(a)
+    c.set_defaults(func=_run_convert)
+
+    m = ss.add_parser("make-mosaics", help="write the Fashion-MNIST mosaic segmentation set")
+    a = m.add_argument
+    a("--output", required=True)
+    a("--train", type=_positive_int, default=4000, help="training mosaics (train split items)")
+    a("--val", type=_positive_int, default=500, help="held-out mosaics (test split items)")
+    a("--size", type=_positive_int, default=64, help="canvas side in pixels")
+    a("--seed", type=int, default=0)
+    a("--fashion-mnist-dir", default=None, help="idx files (default: Debian's location)")
+    m.set_defaults(func=_run_mosaics)
+
+
+def _device(args):
+    from ...engine.distributed import resolve_device
+    import torch
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return resolve_device(args.device)
+
+
+def _infer_kwargs(args) -> dict:
+    return dict(mode=args.mode or "whole", scales=tuple(args.scales or (1.0,)), flip=args.flip,
+                crop=args.crop_size or 512, stride=args.stride or 341,
+                test_scale=tuple(args.test_scale) if args.test_scale else None)
+
+
+def _load(args, device):
+    from .evaluate import load_model
+    model = load_model(args.checkpoint, args.model, pos_bias=args.pos_bias,
+                       img_size=args.img_size or 512)
+    if getattr(args, "fixed_pool_size", None):
+        model.backbone.set_fixed_pool_size(args.fixed_pool_size)
+    return model.to(device)
+
+
+def _run_train(args):
+    from .train import train
+    summary = train(args)
+    if args.json:
+        from pathlib import Path
+        Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
+
+
+def _run_eval(args):
+    from ...engine.distributed import cleanup, init_distributed
+    from .data import EvalTransform, SegDataset
+    from .evaluate import evaluate
+    from .metrics import format_table
+    dist = init_distributed(args.device)
+    try:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        model = _load(args, dist.device)
+        ds = SegDataset(args.data_dir, args.dataset, "val", transform=EvalTransform(None),
+                        verify=not args.no_verify)
+        if ds.num_classes != model.config.num_labels:
+            from ...engine.errors import UserError
+            raise UserError(f"the model predicts {model.config.num_labels} classes but "
+                            f"{args.data_dir} has {ds.num_classes}")
+        kw = _infer_kwargs(args)
+        res = evaluate(model, ds, dist.device, rank=dist.rank, world_size=dist.world_size,
+                       amp=args.amp, batch_size=args.batch_size, workers=args.workers,
+                       progress=dist.is_main and sys.stderr.isatty(), **kw)
+        if dist.is_main:
+            print(format_table(res), flush=True)
+            if args.json:
+                from pathlib import Path
+                Path(args.json).write_text(json.dumps({**res, "inference": kw, "images": len(ds)},
+                                                      indent=1, default=str))
+    finally:
+        cleanup()
+
+
+def _run_predict(args):
+    from .evaluate import predict_files
+    device = _device(args)
+    model = _load(args, device)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    for r in predict_files(model, args.images, args.output, device, class_names=names,
+                           amp=args.amp, **_infer_kwargs(args)):
+        print(f"{r['image']}: {r['overlay']} ({', '.join(r['classes'])})", flush=True)
+
+
+def _run_convert(args):
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from .evaluate import load_model
+    model = load_model(args.checkpoint, args.model, pos_bias=args.pos_bias,
+                       img_size=args.img_size or 512)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out}/model.safetensors and config.json (UperNet on "
+          f"{model.config.backbone_config.model_name}, {model.config.num_labels} classes, "
+          f"{model.config.backbone_config.pos_bias} bias)", flush=True)
+
+
+def _run_mosaics(args):
+    from ..common.mosaic import write_mosaic_set
+    out = write_mosaic_set(args.output, args.train, args.val, size=args.size, seed=args.seed,
+                           data_dir=args.fashion_mnist_dir)
+    print(f"wrote {args.train} training and {args.val} held-out mosaics to {out}", flush=True)

@@ -1,0 +1,36 @@
+"""Named segmentation presets (SPEC section 9); any flag overrides them."""
+from __future__ import annotations
+
+DEFAULTS = dict(
+    head="upernet", model=None, dataset="folder", iters=1000, batch_size=8, crop_size=512,
+    scale=None, lr=6e-5, weight_decay=0.01, warmup_iters=0, warmup_ratio=1e-6, power=1.0,
+    min_lr=0.0, backbone_lr_mult=1.0, clip_grad=None, amp="none", pos_bias="interpolate",
+    img_size=None, pretrain_size=None, drop_path=0.0, channels=512, aux_channels=256,
+    cat_max_ratio=0.75, eval_interval=None, ckpt_interval=None, log_interval=50, seed=0,
+    workers=2, mode="whole", test_scale=None, eval_batch_size=1,
+)
+
+RECIPES = {
+    # UperNet 160k on ADE20K: AdamW 6e-5, wd 0.05, poly power 1, 1500 warm-up iterations,
+    # batch 16, crop 512 from (2048, 512) x 0.5-2.0, backbone in interpolate mode at 512,
+    # evaluation by sliding window 512/341 on images rescaled to (2048, 512).
+    "upernet-ade20k": dict(
+        head="upernet", dataset="ade20k", iters=160000, batch_size=16, crop_size=512,
+        scale=[2048, 512], lr=6e-5, weight_decay=0.05, warmup_iters=1500, power=1.0,
+        pos_bias="interpolate", img_size=512, channels=512, aux_channels=256,
+        mode="slide", test_scale=[2048, 512], eval_interval=16000, ckpt_interval=16000),
+    # The CPU demo: UperNet on TransNeXt-femto from scratch, Fashion-MNIST mosaics (64 px).
+    "upernet-fmnist": dict(
+        head="upernet", model="transnext_femto", dataset="folder", iters=1500, batch_size=16,
+        crop_size=64, scale=[256, 64], lr=1e-3, weight_decay=0.01, warmup_iters=100,
+        power=1.0, pos_bias="extrapolate", pretrain_size=64, channels=96, aux_channels=48,
+        mode="whole", eval_batch_size=50, ckpt_interval=500, log_interval=50),
+}
+
+
+def resolve(args) -> None:
+    """Fill unset flags from the recipe, then from the defaults."""
+    recipe = RECIPES.get(getattr(args, "recipe", None) or "", {})
+    for k, v in DEFAULTS.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, recipe.get(k, v))
