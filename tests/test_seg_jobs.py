@@ -174,7 +174,8 @@ def _train_cmd(data, out, *extra):
     return ["seg", "train", "--recipe", "upernet-fmnist", "--data-dir", str(data), "--output",
             str(out), "--crop-size", "32", "--batch-size", "4", "--channels", "16",
             "--aux-channels", "8", "--workers", "0", "--no-progress", "--no-tensorboard",
-            "--eval-batch-size", "4", "--seed", "3", "--deterministic", *extra]
+            "--eval-batch-size", "4", "--seed", "3", "--deterministic", "--time-budget", "0",
+            *extra]
 
 
 @needs_fmnist

@@ -13,10 +13,12 @@ from torch import nn
 
 from ...models import ARCHS, PRETRAIN_SIZE
 
-try:  # transformers >= 5
+try:
     from transformers.backbone_utils import BackboneConfigMixin, BackboneMixin
-except ImportError:  # transformers 4.x
-    from transformers.utils.backbone_utils import BackboneConfigMixin, BackboneMixin
+except ImportError as e:  # the older backbone API (transformers < 5.17)
+    import transformers
+    raise ImportError(f"transnext's dense tasks need transformers>=5.17,<6 (found "
+                      f"{transformers.__version__}): pip install 'transnext[seg]'") from e
 from transformers import AutoBackbone, AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BackboneOutput
 

@@ -31,6 +31,20 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _non_negative_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    return v
+
+
+def _threads(s: str):
+    return "auto" if s == "auto" else _positive_int(s)
+
+
 def _model_flags(a) -> None:
     a("--pos-bias", default=None, choices=["interpolate", "extrapolate"],
       help="backbone position-bias mode (released UperNets: interpolate at 512; "
@@ -55,7 +69,7 @@ def _infer_flags(a) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("seg", help="semantic segmentation (UperNet on TransNeXt)",
+    p = sub.add_parser("seg", help="semantic segmentation (UperNet, Mask2Former on TransNeXt)",
                        description="Semantic segmentation: train, evaluate, predict, convert "
                                    "released checkpoints, build the Fashion-MNIST mosaic set.")
     ss = p.add_subparsers(dest="seg_command", required=True,
@@ -74,6 +88,8 @@ def add_parser(sub) -> None:
     a("--crop-size", type=_positive_int, default=None)
     a("--scale", type=_positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"),
       help="random-rescale base size (ratio 0.5-2.0 of it; default 4*crop x crop)")
+    a("--ratio-range", type=_positive_float, nargs=2, default=None, metavar=("MIN", "MAX"),
+      help="random-rescale ratio range (default 0.5 2.0)")
     a("--lr", type=_positive_float, default=None)
     a("--weight-decay", type=float, default=None)
     a("--warmup-iters", type=int, default=None)
@@ -84,6 +100,9 @@ def add_parser(sub) -> None:
     a("--pretrain-size", type=_positive_int, default=None)
     a("--channels", type=_positive_int, default=None, help="UPerHead width (released: 512)")
     a("--aux-channels", type=_positive_int, default=None, help="auxiliary head width (256)")
+    a("--time-budget", type=_non_negative_float, default=None, metavar="SECONDS",
+      help="fit training + the final evaluation into this wall time: --iters becomes a "
+           "maximum and the schedule follows the clock (0: off; not exactly resumable)")
     a("--pretrained", default=None, metavar="PATH",
       help="ImageNet backbone weights, or a released/own UperNet checkpoint")
     a("--resume", default=None, metavar="PATH", help="continue from a last.pth exactly")
@@ -97,7 +116,8 @@ def add_parser(sub) -> None:
     a("--log-interval", type=_positive_int, default=None)
     a("--eval-batch-size", type=_positive_int, default=None)
     a("--workers", type=int, default=None)
-    a("--threads", type=_positive_int, default=None)
+    a("--threads", type=_threads, default=None,
+      help="CPU intra-op threads: N, or 'auto' (time N vs 1 early on, keep the faster)")
     a("--seed", type=int, default=None)
     a("--deterministic", action="store_true")
     a("--no-verify", action="store_true", help="skip the up-front check of every file")
@@ -151,6 +171,17 @@ def add_parser(sub) -> None:
     m.set_defaults(func=_run_mosaics)
 
 
+def _require_transformers() -> None:
+    """transformers missing or too old: one line, not a traceback."""
+    from ...engine.errors import UserError
+    try:
+        from ..common import backbone  # noqa: F401
+    except ImportError as e:
+        msg = str(e) if "transnext" in str(e) else (
+            f"{e}: the segmentation jobs need transformers (pip install 'transnext[seg]')")
+        raise UserError(msg) from None
+
+
 def _device(args):
     from ...engine.distributed import resolve_device
     import torch
@@ -166,15 +197,16 @@ def _infer_kwargs(args) -> dict:
 
 
 def _load(args, device):
-    from .evaluate import load_model
+    from .evaluate import backbone_of, load_model
     model = load_model(args.checkpoint, args.model, pos_bias=args.pos_bias,
                        img_size=args.img_size or 512)
     if getattr(args, "fixed_pool_size", None):
-        model.backbone.set_fixed_pool_size(args.fixed_pool_size)
+        backbone_of(model).set_fixed_pool_size(args.fixed_pool_size)
     return model.to(device)
 
 
 def _run_train(args):
+    _require_transformers()
     from .train import train
     summary = train(args)
     if args.json:
@@ -183,6 +215,7 @@ def _run_train(args):
 
 
 def _run_eval(args):
+    _require_transformers()
     from ...engine.distributed import cleanup, init_distributed
     from .data import EvalTransform, SegDataset
     from .evaluate import evaluate
@@ -214,6 +247,7 @@ def _run_eval(args):
 
 
 def _run_predict(args):
+    _require_transformers()
     from .evaluate import predict_files
     device = _device(args)
     model = _load(args, device)
@@ -224,6 +258,7 @@ def _run_predict(args):
 
 
 def _run_convert(args):
+    _require_transformers()
     import shutil
     import tempfile
     from pathlib import Path
@@ -241,7 +276,7 @@ def _run_convert(args):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {out}/model.safetensors and config.json (UperNet on "
+    print(f"wrote {out}/model.safetensors and config.json ({type(model).__name__} on "
           f"{model.config.backbone_config.model_name}, {model.config.num_labels} classes, "
           f"{model.config.backbone_config.pos_bias} bias)", flush=True)
 

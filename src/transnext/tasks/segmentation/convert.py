@@ -177,3 +177,147 @@ def upernet_from_state(sd: dict, source: str, model_name: str | None = None, *,
                           id2label=id2label)
     load_upernet_state(model, sd, source)
     return model.eval()
+
+
+# ---- Mask2Former (mmseg 1.0 / mmdet 3.0 names -> transformers' names) ----------------
+_PD, _TD = "decode_head.pixel_decoder", "decode_head.transformer_decoder"
+_HF_PD, _HF_TM = "model.pixel_level_module.decoder", "model.transformer_module"
+MASK2FORMER_HEAD_MAP = [
+    (rf"^{_PD}\.input_convs\.(\d+)\.conv\.(weight|bias)$", rf"{_HF_PD}.input_projections.\1.0.\2"),
+    (rf"^{_PD}\.input_convs\.(\d+)\.gn\.(weight|bias)$", rf"{_HF_PD}.input_projections.\1.1.\2"),
+    (rf"^{_PD}\.encoder\.layers\.(\d+)\.self_attn\.(sampling_offsets|attention_weights|"
+     rf"value_proj|output_proj)\.(weight|bias)$", rf"{_HF_PD}.encoder.layers.\1.self_attn.\2.\3"),
+    (rf"^{_PD}\.encoder\.layers\.(\d+)\.norms\.0\.(weight|bias)$",
+     rf"{_HF_PD}.encoder.layers.\1.self_attn_layer_norm.\2"),
+    (rf"^{_PD}\.encoder\.layers\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)$",
+     rf"{_HF_PD}.encoder.layers.\1.fc1.\2"),
+    (rf"^{_PD}\.encoder\.layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)$",
+     rf"{_HF_PD}.encoder.layers.\1.fc2.\2"),
+    (rf"^{_PD}\.encoder\.layers\.(\d+)\.norms\.1\.(weight|bias)$",
+     rf"{_HF_PD}.encoder.layers.\1.final_layer_norm.\2"),
+    (rf"^{_PD}\.level_encoding\.weight$", rf"{_HF_PD}.level_embed"),
+    (rf"^{_PD}\.lateral_convs\.0\.conv\.weight$", rf"{_HF_PD}.adapter_1.0.weight"),
+    (rf"^{_PD}\.lateral_convs\.0\.gn\.(weight|bias)$", rf"{_HF_PD}.adapter_1.1.\1"),
+    (rf"^{_PD}\.output_convs\.0\.conv\.weight$", rf"{_HF_PD}.layer_1.0.weight"),
+    (rf"^{_PD}\.output_convs\.0\.gn\.(weight|bias)$", rf"{_HF_PD}.layer_1.1.\1"),
+    (rf"^{_PD}\.mask_feature\.(weight|bias)$", rf"{_HF_PD}.mask_projection.\1"),
+    (r"^decode_head\.query_embed\.weight$", rf"{_HF_TM}.queries_embedder.weight"),
+    (r"^decode_head\.query_feat\.weight$", rf"{_HF_TM}.queries_features.weight"),
+    (r"^decode_head\.level_embed\.weight$", rf"{_HF_TM}.level_embed.weight"),
+    (rf"^{_TD}\.layers\.(\d+)\.cross_attn\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|"
+     rf"out_proj\.bias)$", rf"{_HF_TM}.decoder.layers.\1.cross_attn.\2"),
+    # mmcv's self-attention keeps q, k, v in one in_proj; transformers' has three Linears
+    (rf"^{_TD}\.layers\.(\d+)\.self_attn\.attn\.in_proj_(weight|bias)$",
+     rf"{_HF_TM}.decoder.layers.\1.self_attn.{{q,k,v}}_proj.\2"),
+    (rf"^{_TD}\.layers\.(\d+)\.self_attn\.attn\.out_proj\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.layers.\1.self_attn.out_proj.\2"),
+    # mmdet's layer order is cross-attention, self-attention, FFN: norms 0, 1, 2
+    (rf"^{_TD}\.layers\.(\d+)\.norms\.0\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.layers.\1.cross_attn_layer_norm.\2"),
+    (rf"^{_TD}\.layers\.(\d+)\.norms\.1\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.layers.\1.self_attn_layer_norm.\2"),
+    (rf"^{_TD}\.layers\.(\d+)\.norms\.2\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.layers.\1.final_layer_norm.\2"),
+    (rf"^{_TD}\.layers\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.layers.\1.fc1.\2"),
+    (rf"^{_TD}\.layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.layers.\1.fc2.\2"),
+    (rf"^{_TD}\.post_norm\.(weight|bias)$", rf"{_HF_TM}.decoder.layernorm.\1"),
+    (r"^decode_head\.mask_embed\.0\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.mask_predictor.mask_embedder.0.0.\1"),
+    (r"^decode_head\.mask_embed\.2\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.mask_predictor.mask_embedder.1.0.\1"),
+    (r"^decode_head\.mask_embed\.4\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.mask_predictor.mask_embedder.2.0.\1"),
+    (r"^decode_head\.cls_embed\.(weight|bias)$", r"class_predictor.\1"),
+]
+_M2F_MAP = [(re.compile(a), b) for a, b in MASK2FORMER_HEAD_MAP]
+_M2F_BACKBONE = "model.pixel_level_module.encoder.model."
+# buffers the model derives from its config, not stored in the released files
+_M2F_DERIVED = ("criterion.empty_weight",)
+
+
+def map_mask2former_keys(sd: dict) -> tuple[dict, list[str]]:
+    out, unmapped = {}, []
+    for k, v in sd.items():
+        if k.startswith("backbone."):
+            continue
+        for pat, rep in _M2F_MAP:
+            if pat.match(k):
+                target = pat.sub(rep, k)
+                if "{q,k,v}" in target:
+                    for name, part in zip("qkv", v.chunk(3, dim=0)):
+                        out[target.replace("{q,k,v}", name)] = part.clone()
+                else:
+                    out[target] = v
+                break
+        else:
+            unmapped.append(k)
+    return out, unmapped
+
+
+def load_mask2former_state(model, sd: dict, source: str) -> None:
+    """Load a released Mask2Former state dict strictly into ``model``."""
+    kind = head_kind(sd)
+    if kind != "Mask2Former":
+        raise ConvertError(f"{source} is a {kind} checkpoint, not Mask2Former")
+    want = model.config.backbone_config.model_name
+    have = file_variant(sd)
+    if have != want:
+        raise ConvertError(f"{source} holds a Mask2Former on {have}, but the model is {want}")
+    head, unmapped = map_mask2former_keys(sd)
+    own = {k: v for k, v in model.state_dict().items()
+           if not k.startswith(_M2F_BACKBONE) and k not in _M2F_DERIVED}
+    missing = [k for k in own if k not in head]
+    unexpected = unmapped + [k for k in head if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {_summary(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {_summary(unexpected)}")
+        raise ConvertError(f"{source} does not fit the Mask2Former: " + "; ".join(parts))
+    bad = [f"{k} {tuple(head[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if head[k].shape != own[k].shape]
+    if bad:
+        raise ConvertError(f"{source} has head tensors of other shapes (another class count "
+                           f"or width?): {_summary(bad, 4)}")
+    backbone = {k: v for k, v in sd.items() if k.startswith("backbone.")}
+    apply_checkpoint(model.model.pixel_level_module.encoder.model, {"state_dict": backbone},
+                     source, strict=True)
+    missing_h, unexpected_h = model.load_state_dict(head, strict=False)
+    assert not unexpected_h
+
+
+def mask2former_from_state(sd: dict, source: str, model_name: str | None = None, *,
+                           pos_bias: str = "interpolate", img_size=512,
+                           id2label: dict | None = None):
+    from .mask2former import build_mask2former
+    kind = head_kind(sd)
+    if kind != "Mask2Former":
+        raise ConvertError(f"{source} is a {kind} checkpoint, not Mask2Former")
+    variant = file_variant(sd)
+    if model_name is not None and variant != model_name:
+        raise ConvertError(f"{source} holds a Mask2Former on {variant}, not {model_name}")
+    if not variant.startswith("transnext_") or " " in variant:
+        raise ConvertError(f"{source}: its backbone is {variant}")
+    try:
+        num_labels = int(sd["decode_head.cls_embed.weight"].shape[0]) - 1
+    except KeyError as e:
+        raise ConvertError(f"{source} does not fit the Mask2Former: missing key {e}") from None
+    model = build_mask2former(variant, num_labels, pos_bias=pos_bias, img_size=img_size,
+                              id2label=id2label)
+    load_mask2former_state(model, sd, source)
+    return model.eval()
+
+
+def model_from_state(sd: dict, source: str, model_name: str | None = None, **kw):
+    """The released segmenter a state dict describes: UperNet or Mask2Former."""
+    kind = head_kind(sd)
+    if kind == "Mask2Former":
+        return mask2former_from_state(sd, source, model_name, **kw)
+    return upernet_from_state(sd, source, model_name, **kw)
+
+
+def model_from_released(path, model_name: str | None = None, **kw):
+    return model_from_state(read_state_dict(path), f"checkpoint {path}", model_name, **kw)

@@ -14,7 +14,7 @@ from ...engine.errors import UserError
 from ...engine.evaluate import autocast
 from ...engine.loaders import ShardSampler
 from ...models import CheckpointError
-from .convert import read_any, state_dict_of, upernet_from_state
+from .convert import model_from_state, read_any, state_dict_of
 from .data import EvalTransform, SegDataset, collate, normalize
 from .inference import predict
 from .metrics import SegMetric
@@ -22,13 +22,24 @@ from .model import TransNeXtUperNet
 from .names import palette
 
 
+def backbone_of(model):
+    """The TransNeXtBackbone inside a UperNet or a Mask2Former."""
+    if hasattr(model, "backbone"):
+        return model.backbone
+    return model.model.pixel_level_module.encoder
+
+
 def is_training_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and "model" in obj and "seg_config" in obj
 
 
-def model_from_training_checkpoint(obj: dict, source: str) -> TransNeXtUperNet:
-    cfg = UperNetConfig.from_dict(obj["seg_config"])
-    model = TransNeXtUperNet(cfg)
+def model_from_training_checkpoint(obj: dict, source: str):
+    if obj["seg_config"].get("model_type") == "mask2former":
+        from transformers import Mask2FormerConfig
+        from .mask2former import TransNeXtMask2Former
+        model = TransNeXtMask2Former(Mask2FormerConfig.from_dict(obj["seg_config"]))
+    else:
+        model = TransNeXtUperNet(UperNetConfig.from_dict(obj["seg_config"]))
     try:
         model.load_state_dict(obj["model"], strict=True)
     except RuntimeError as e:
@@ -49,7 +60,12 @@ def load_model(path: str, model_name: str | None = None, *, pos_bias: str | None
         if not (p / "config.json").is_file():
             raise UserError(f"{p} is a folder without config.json (not a converted model)")
         try:
-            model = TransNeXtUperNet.from_pretrained(str(p))
+            kind = json.loads((p / "config.json").read_text()).get("model_type")
+            if kind == "mask2former":
+                from .mask2former import TransNeXtMask2Former
+                model = TransNeXtMask2Former.from_pretrained(str(p))
+            else:
+                model = TransNeXtUperNet.from_pretrained(str(p))
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load the converted model in {p}: {e}") from None
     else:
@@ -58,16 +74,16 @@ def load_model(path: str, model_name: str | None = None, *, pos_bias: str | None
             if is_training_checkpoint(obj):
                 model = model_from_training_checkpoint(obj, f"checkpoint {p}")
             else:
-                model = upernet_from_state(state_dict_of(obj, p), f"checkpoint {p}", model_name)
+                model = model_from_state(state_dict_of(obj, p), f"checkpoint {p}", model_name)
         except CheckpointError as e:
             raise UserError(str(e)) from None
     name = model.config.backbone_config.model_name
     if model_name and name != model_name:
-        raise UserError(f"checkpoint {path} holds a UperNet on {name}, not {model_name}: "
+        raise UserError(f"checkpoint {path} holds a model on {name}, not {model_name}: "
                         f"pass --model {name}")
     if pos_bias is not None:
         try:
-            model.backbone.set_pos_bias(pos_bias, img_size if pos_bias == "interpolate" else None)
+            backbone_of(model).set_pos_bias(pos_bias, img_size if pos_bias == "interpolate" else None)
         except ValueError as e:
             raise UserError(str(e)) from None
     return model.eval()

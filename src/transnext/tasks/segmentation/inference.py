@@ -13,6 +13,8 @@ PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 def _logits(model, x: torch.Tensor) -> torch.Tensor:
+    if hasattr(model, "semantic_logits"):  # Mask2Former: mmseg's scores, not logits
+        return model.semantic_logits(x)
     out = model(x)
     return out.logits if hasattr(out, "logits") else out
 
@@ -69,6 +71,8 @@ def predict(model, x: torch.Tensor, out_size: tuple[int, int] | None = None, *,
     """
     H, W = x.shape[2:]
     out_size = tuple(out_size or (H, W))
+    if getattr(model, "outputs_scores", False):
+        softmax = False  # Mask2Former's scores are averaged as they are
     total, n = None, 0
     for r in scales:
         if test_scale is not None:
