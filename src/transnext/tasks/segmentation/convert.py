@@ -9,6 +9,7 @@ objects that refuses is read by ``safe_pickle`` (tensors only, no code run).
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -44,21 +45,22 @@ class ConvertError(CheckpointError):
 
 
 def read_any(path) -> dict:
-    """A checkpoint file as a dict, read with ``weights_only=True``; a file whose other
-    entries hold objects that refuses is read by ``safe_pickle`` (tensors only)."""
+    """A checkpoint file as a dict, read with ``weights_only=True``. A torch zip file
+    that this refuses because of other objects in it (numpy scalars or mmengine
+    history in ``meta``/``message_hub``) is read by ``safe_pickle``: tensors and plain
+    containers only, nothing imported or run. Other failures keep the loader's message."""
     path = Path(path)
     try:
         return read_checkpoint(path)
     except CheckpointError as e:
-        if "weights_only=True will not unpickle" not in str(e):
+        if not zipfile.is_zipfile(path):
             raise
-        # e.g. numpy objects or mmengine history in meta/message_hub: take the tensors only
         try:
             obj = load_tensors_only(path)
-        except Exception as e2:  # noqa: BLE001 - any failure here is a bad file
-            raise CheckpointError(f"cannot read checkpoint {path}: {e2}") from None
+        except Exception:  # noqa: BLE001 - damaged too: the loader's message says why
+            raise e from None
         if not isinstance(obj, dict):
-            raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+            raise
         return obj
 
 

@@ -33,7 +33,7 @@ RECIPES = {
         head="upernet", model="transnext_femto", dataset="folder", iters=6000,
         time_budget=480, batch_size=32, crop_size=64, scale=[256, 64],
         ratio_range=[0.75, 1.5], lr=2e-3, weight_decay=0.01, warmup_iters=100, power=1.0,
-        pos_bias="extrapolate", pretrain_size=64, channels=96, aux_channels=48,
+        pos_bias="extrapolate", pretrain_size=64, channels=64, aux_channels=32,
         mode="whole", eval_batch_size=50, workers=0, threads="auto", ckpt_interval=500,
         eval_interval=10**9,
         log_interval=50),
