@@ -122,8 +122,10 @@ def test_empty_class_folder_and_missing_dir_messages(tmp_path, capsys):
     assert f"empty class folder (no image files): {root / 'empty'}" in err
     assert "Traceback" not in err
     missing = tmp_path / "nowhere"
-    assert main(["train", "--data-dir", str(missing), *base]) == 2
-    assert f"data directory does not exist: {missing}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # refused as the flag is parsed
+        main(["train", "--data-dir", str(missing), *base])
+    assert e.value.code == 2
+    assert f"--data-dir: folder not found: {missing}" in capsys.readouterr().err
 
 
 def test_all_images_unreadable_is_an_error(tmp_path):

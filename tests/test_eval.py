@@ -110,10 +110,12 @@ def test_checkpoint_of_another_model(constant_ckpt, tiny_folder, tmp_path, capsy
     bad = tmp_path / "garbage.pth"
     bad.write_bytes(b"definitely not a checkpoint")
     assert main(["predict", str(bad), "--model", "transnext_femto", "--checkpoint", str(bad)]) == 2
-    assert f"cannot read checkpoint {bad}" in capsys.readouterr().err
-    assert main(["eval", "--model", "transnext_femto", "--checkpoint",
-                 str(tmp_path / "missing.pth"), "--data-dir", str(tiny_folder)]) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
+    assert f"{bad} is not a checkpoint file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", "transnext_femto", "--checkpoint",
+              str(tmp_path / "missing.pth"), "--data-dir", str(tiny_folder)])
+    assert e.value.code == 2
+    assert "--checkpoint: file not found" in capsys.readouterr().err
 
 
 def test_predict_corrupt_image_names_file(constant_ckpt, tmp_path, model_name, capsys):
@@ -123,7 +125,8 @@ def test_predict_corrupt_image_names_file(constant_ckpt, tmp_path, model_name, c
                  str(constant_ckpt)]) == 2
     err = capsys.readouterr().err
     assert f"cannot read image {bad}" in err and "Traceback" not in err
-    assert main(["predict", str(tmp_path / "nope.png"), "--model", model_name]) == 2
+    assert main(["predict", str(tmp_path / "nope.png"), "--model", model_name,
+                 "--checkpoint", str(constant_ckpt)]) == 2
     assert "image file not found" in capsys.readouterr().err
 
 

@@ -118,13 +118,13 @@ def test_batch_elements_independent(micro):
 
 def test_geometry_tables_built_once_per_size(micro, monkeypatch):
     calls = []
-    real = geometry._build_bias_coords
+    real = geometry._build_bias_plan
 
     def counting(*args, **kw):
-        calls.append(args[:3])
+        calls.append((args[0], args[1], args[4]))  # query grid, key grid, pretrain grid
         return real(*args, **kw)
 
-    monkeypatch.setattr(geometry, "_build_bias_coords", counting)
+    monkeypatch.setattr(geometry, "_build_bias_plan", counting)
     tables._CACHE.clear()
     for mod in micro.modules():  # the per-module bias cache would skip the tables
         if hasattr(mod, "_bias_cache"):
@@ -142,7 +142,7 @@ def test_geometry_tables_built_once_per_size(micro, monkeypatch):
     y2 = infer(micro, x)
     assert len(calls) == 4, "tables rebuilt on the second forward at the same size"
     for k, v in coord_entries().items():
-        assert v[0] is first[k][0] and v[1] is first[k][1]
+        assert v is first[k]
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
     infer(micro, torch.randn(1, 3, 104, 120))
     assert len(calls) == 8

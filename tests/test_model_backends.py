@@ -37,8 +37,8 @@ def compare_backends(device: str, size: tuple[int, int], batch: int, dtype=torch
     return compare(model, x, "triton", None if dtype == torch.float32 else dtype)
 
 
-def _run_child() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
+def _run_child(pool_bias: str) -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", TRANSNEXT_POOL_BIAS=pool_bias)
     env.pop("TRANSNEXT_ATTN_BACKEND", None)
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                           timeout=600)
@@ -46,23 +46,36 @@ def _run_child() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_whole_model_triton_matches_reference_cpu_interpreter():
+@pytest.mark.parametrize("pool_bias", ["dense", "factored"])
+def test_whole_model_triton_matches_reference_cpu_interpreter(pool_bias):
+    """Both forms of the pool bias the kernels read (ops.position_bias), every stage kind."""
     pytest.importorskip("triton")
     from triton_env import interpreter_problem
 
     if interpreter_problem():
         pytest.skip(interpreter_problem())
-    err = _run_child()
+    err = _run_child(pool_bias)
     assert err["logits"] < 1e-4, err
     assert err["grad"] < 1e-3, err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pool_bias", ["dense", "factored"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 3e-2)])
-def test_whole_model_triton_matches_reference_cuda(dtype, tol):
+def test_whole_model_triton_matches_reference_cuda(dtype, tol, pool_bias, monkeypatch):
+    monkeypatch.setenv("TRANSNEXT_POOL_BIAS", pool_bias)
     err = compare_backends("cuda", (224, 224), 4, dtype)
     assert err["logits"] < tol and err["grad"] < tol, err
 
+
+def test_pool_bias_form_env_is_checked(monkeypatch):
+    from transnext.models.transnext import _factored
+
+    monkeypatch.setenv("TRANSNEXT_POOL_BIAS", "sparse")
+    with pytest.raises(ValueError, match="TRANSNEXT_POOL_BIAS='sparse'"):
+        _factored("triton")
+    monkeypatch.setenv("TRANSNEXT_POOL_BIAS", "factored")
+    assert _factored("triton") and not _factored("reference")
 
 
 class _EnvScaled(torch.nn.Module):

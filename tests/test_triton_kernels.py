@@ -46,6 +46,7 @@ RUN_HERE = CUDA or _interp_in_process()
 _SUBPROCESS_FLAG = "TRANSNEXT_TRITON_TEST_CHILD"
 
 from transnext.ops.aggregated_attention import aggregated_attention  # noqa: E402
+from transnext.ops.position_bias import FactoredBias  # noqa: E402
 from transnext.ops.reference import aggregated_attention_reference  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -118,6 +119,50 @@ def check_case(B, H, W, h, d, P, dtype=torch.float32, window=3, noncontig=True, 
     for name, a, b in zip(NAMES, g_tri, g_ref):
         assert a.shape == b.shape, name
         assert torch.isfinite(a).all(), name
+        e = _rel(a, b)
+        assert e < gtol, f"grad {name}: rel err {e:.2e}"
+
+
+def dense_form(device=DEV):
+    """The custom op's (pb_idx, pb_w) for a dense (h, N, P) pool_bias: both empty."""
+    return (torch.empty(0, dtype=torch.int32, device=device),
+            torch.empty(0, dtype=torch.float32, device=device))
+
+
+def make_factored(H, W, h, pool_hw, taps, weighted, seed=0, device=DEV):
+    """A random FactoredBias (table a leaf) for an H x W query grid and a pool grid."""
+    g = torch.Generator(device="cpu").manual_seed(seed + 7)
+    HK, WK = pool_hw
+    rows = 2 * H + HK  # any number of rows; each (qh, kh) pair picks `taps` of them
+    table = (torch.randn(h, rows, W * WK, generator=g) * 0.5).to(device).requires_grad_()
+    idx = torch.randint(0, rows, (taps, H * HK), generator=g, dtype=torch.int32).to(device)
+    w = torch.rand(taps, H * HK, generator=g).to(device) if weighted else None
+    return FactoredBias(table, idx, w, (H, W), pool_hw)
+
+
+def check_factored_case(B, H, W, h, d, pool_hw, taps, weighted, dtype=torch.float32, seed=0):
+    """The kernels reading (and scattering the gradient into) a factored bias against the
+    reference on its dense form: forward, every input gradient and the table's."""
+    P = pool_hw[0] * pool_hw[1]
+    _, views = make_inputs(B, H, W, h, d, P, dtype, seed=seed)
+    fb = make_factored(H, W, h, pool_hw, taps, weighted, seed)
+    vt = views()
+    vt[5] = fb
+    out = aggregated_attention(*vt, H, W, 3, backend="triton")
+    ref_in = [x.detach().float().requires_grad_() if isinstance(x, torch.Tensor) else x
+              for x in vt]
+    ref_in[5] = fb._replace(table=fb.table.detach().requires_grad_())
+    ref = aggregated_attention_reference(*ref_in[:5], ref_in[5].dense(), *ref_in[6:], H, W, 3)
+    ftol, gtol = TOL[dtype]
+    assert _rel(out, ref) < ftol
+    gout = torch.randn(B, H * W, h, d, generator=torch.Generator().manual_seed(seed + 1))
+    grads_of = [x for i, x in enumerate(vt) if i != 5] + [fb.table]
+    ref_of = [x for i, x in enumerate(ref_in) if i != 5] + [ref_in[5].table]
+    g_tri = torch.autograd.grad(out, grads_of, gout.to(DEV, dtype))
+    g_ref = torch.autograd.grad(ref, ref_of, gout.to(DEV))
+    names = [n for n in NAMES if n != "pool_bias"] + ["factored table"]
+    for name, a, b in zip(names, g_tri, g_ref):
+        assert a.shape == b.shape, name
         e = _rel(a, b)
         assert e < gtol, f"grad {name}: rel err {e:.2e}"
 
@@ -198,7 +243,8 @@ def test_custom_op_autograd_matches_reference():
     B, H, W, h, d, P = 2, 4, 5, 2, 24, 3
     leaves, views = make_inputs(B, H, W, h, d, P)
     vt = views()
-    out = torch.ops.transnext.aggregated_attention_fwd(*vt, H, W, 3, True)[0]
+    out = torch.ops.transnext.aggregated_attention_fwd(*vt, *dense_form(), H, W, 3, 0, 0,
+                                                       True)[0]
     ref = aggregated_attention_reference(*vt, H, W, 3)
     assert _rel(out, ref) < 1e-4
     gout = torch.randn_like(out)
@@ -212,7 +258,7 @@ def test_opcheck():
     from transnext.ops import triton_kernels  # noqa: F401
 
     leaves, views = make_inputs(1, 3, 4, 1, 24, 2)
-    args = (*views(), 3, 4, 3)
+    args = (*views(), *dense_form(), 3, 4, 3, 0, 0)
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(torch.ops.transnext.aggregated_attention_fwd.default, args,
                           test_utils=utils)
@@ -220,7 +266,8 @@ def test_opcheck():
         out, lse, res = torch.ops.transnext.aggregated_attention_fwd(*args)
     dout = torch.randn_like(out)
     torch.library.opcheck(torch.ops.transnext.aggregated_attention_bwd.default,
-                          (*[t.detach() for t in views()], out, res, lse, dout, 3, 4, 3),
+                          (*[t.detach() for t in views()], *dense_form(), out, res, lse, dout,
+                           3, 4, 3, 0, 0),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -237,6 +284,37 @@ def test_dispatch_fallbacks():
         assert torch.equal(aggregated_attention(*views(), 3, 3, backend="auto"), ref)
     with pytest.raises(ValueError):
         aggregated_attention(*views(), 3, 3, backend="nope")
+
+
+# (B, H, W, h, d, pool grid, taps, weighted): one tap (extrapolate mode), interpolate
+# mode's 2 and 4 bilinear taps, pools of one row / one cell, several query and pool tiles.
+FACTORED_CASES = [
+    (2, 5, 7, 2, 24, (2, 3), 1, False),
+    (1, 6, 9, 3, 24, (3, 2), 2, True),
+    (2, 4, 5, 1, 32, (1, 1), 4, True),
+    (1, 9, 20, 2, 24, (3, 25), 4, True),
+    (1, 1, 7, 2, 24, (1, 3), 1, False),
+]
+
+
+@needs_here
+@pytest.mark.parametrize("case", FACTORED_CASES, ids=lambda c: "B{}_{}x{}_h{}_d{}_pool{}_J{}_w{}"
+                         .format(*c[:5], "x".join(map(str, c[5])), c[6], int(c[7])))
+def test_factored_bias_matches_dense_reference(case):
+    check_factored_case(*case)
+
+
+@needs_here
+def test_opcheck_factored():
+    from transnext.ops import triton_kernels  # noqa: F401
+
+    _, views = make_inputs(1, 3, 4, 2, 24, 4)
+    fb = make_factored(3, 4, 2, (2, 2), 2, True)
+    vt = views()
+    args = (*vt[:5], fb.table, *vt[6:], fb.idx, fb.w, 3, 4, 3, 2, 2)
+    torch.library.opcheck(torch.ops.transnext.aggregated_attention_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
 
 
 @pytest.mark.skipif(CUDA or RUN_HERE or os.environ.get(_SUBPROCESS_FLAG) == "1",
@@ -273,6 +351,14 @@ def test_cuda_real_shapes(case, dtype):
 
 
 @cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_factored_real_shapes(dtype):
+    # 800x1333 stage 1 (pool 25x42, interpolate mode's 4 taps) and stage 3 (one tap)
+    check_factored_case(1, 50, 84, 3, 24, (25, 42), 4, True, dtype)
+    check_factored_case(2, 50, 84, 12, 24, (25, 42), 1, False, dtype)
+
+
+@cuda_only
 def test_cuda_torch_compile():
     B, H, W, h, d, P = 2, 14, 14, 3, 24, 49
     leaves, views = make_inputs(B, H, W, h, d, P, torch.bfloat16)
@@ -298,4 +384,4 @@ def test_cuda_opcheck_full():
 
     leaves, views = make_inputs(2, 9, 11, 2, 24, 7)
     torch.library.opcheck(torch.ops.transnext.aggregated_attention_fwd.default,
-                          (*views(), 9, 11, 3))
+                          (*views(), *dense_form(), 9, 11, 3, 0, 0))

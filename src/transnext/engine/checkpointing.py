@@ -47,6 +47,9 @@ def _save_atomic(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; give it the mode open() would (0666 less umask),
+        # like the metrics files beside it, so a shared run folder stays readable.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -66,6 +69,20 @@ def _save_atomic(obj, path: Path) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+    os.umask(mask)
+    return mask
 
 
 def primitives(obj):
@@ -141,8 +158,11 @@ def check_model_name(obj, path, model_name: str) -> None:
 def load_weights(model, obj, path, *, use_ema: bool = False) -> None:
     """Load a training checkpoint or a published state dict into ``model`` strictly,
     turning key/shape mismatches into one clear message naming the file."""
+    if use_ema and not (is_training_checkpoint(obj) and obj.get("model_ema")):
+        raise UserError(f"--use-ema: checkpoint {path} holds no EMA weights (only a run "
+                        f"trained with --ema has them)")
     if is_training_checkpoint(obj):
-        sd = obj["model_ema"] if use_ema and obj.get("model_ema") else obj["model"]
+        sd = obj["model_ema"] if use_ema else obj["model"]
         try:
             model.load_state_dict(sd, strict=True)
         except RuntimeError as e:

@@ -25,6 +25,41 @@ def create(name: str, num_classes: int, in_chans: int = 3, drop_path: float | No
         raise UserError(f"model '{name}' does not accept these options: {e}") from None
 
 
+def compile_model(model: torch.nn.Module, how: str = "model",
+                  mode: str | None = None) -> torch.nn.Module:
+    """torch.compile for the jobs, with static shapes.
+
+    With torch's default (automatic dynamic shapes) the second input size is traced with
+    symbolic sizes, several times slower, and the per-size tables (pool grids, bias
+    coordinates) specialise the graph on the size anyway; static shapes make each new
+    size one more compile of the first one's length. ``how='blocks'`` compiles each
+    TransNeXt block on its own (regional compilation): the blocks of a stage share one
+    compiled graph, so a cold compile takes a fraction of the whole model's (README,
+    Performance). ``mode``: torch.compile's mode ('reduce-overhead': CUDA graphs).
+    Returns the module to call (``model`` itself for 'blocks').
+    """
+    mode = None if mode == "default" else mode
+    if how == "blocks":
+        from ..models.transnext import Block
+        blocks = [m for m in model.modules() if isinstance(m, Block)]
+        if not blocks:
+            raise UserError(f"--compile blocks: {type(model).__name__} has no TransNeXt "
+                            f"blocks; use --compile model")
+        # The blocks share one code object, so one cache: each (stage, input size, train or
+        # eval) is an entry, and torch's default limit (8) would send the second size of a
+        # training run with evaluation back to eager.
+        cfg = torch._dynamo.config
+        key = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        stages = getattr(unwrap(model), "num_stages", 4)
+        setattr(cfg, key, max(getattr(cfg, key), 2 * 8 * stages))  # 8 sizes, as one graph
+        for b in blocks:
+            b.compile(dynamic=False, mode=mode)
+        return model
+    if how != "model":
+        raise UserError(f"--compile {how!r}: choose model or blocks")
+    return torch.compile(model, dynamic=False, mode=mode)
+
+
 def data_config(model) -> dict:
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     return {

@@ -32,10 +32,10 @@ RECIPES: dict[str, dict] = {
     "in1k-small": {**_IN1K, "model": "transnext_small", "drop_path": 0.45},
     "in1k-base": {**_IN1K, "model": "transnext_base", "drop_path": 0.6},
     "ft384-small": {**_IN1K, "model": "transnext_small", "epochs": 5, "input_size": 384,
-                    "lr": 1e-5, "sched": "const", "warmup_epochs": 0, "min_lr": 1e-5,
+                    "lr": 1e-5, "sched": "constant", "warmup_epochs": 0, "min_lr": 1e-5,
                     "drop_path": 0.7, "cutmix": 0.0, "batch_size": 64},
     "ft384-base": {**_IN1K, "model": "transnext_base", "epochs": 5, "input_size": 384,
-                   "lr": 1e-5, "sched": "const", "warmup_epochs": 0, "min_lr": 1e-5,
+                   "lr": 1e-5, "sched": "constant", "warmup_epochs": 0, "min_lr": 1e-5,
                    "drop_path": 0.8, "cutmix": 0.0, "batch_size": 64},
     # The main job: transnext_femto from scratch on Fashion-MNIST, CPU-sized.
     "fmnist-femto": dict(

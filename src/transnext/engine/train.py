@@ -23,7 +23,7 @@ from .errors import UserError
 from .evaluate import autocast, evaluate
 from .loaders import build_train_data
 from .metrics import MetricLog
-from .models import create, data_config, unwrap
+from .models import compile_model, create, data_config, unwrap
 
 log = logging.getLogger("transnext.train")
 
@@ -105,6 +105,11 @@ def _train(args, dist) -> dict:
         if not ckpt.is_training_checkpoint(resume_obj):
             raise UserError(f"--resume {args.resume} is not a training checkpoint written by "
                             f"`transnext train` (use --pretrained to start from weights)")
+        done = int(resume_obj["epoch"]) + 1
+        if done >= args.epochs:
+            raise UserError(f"--resume {args.resume}: that run has finished {done} epoch(s) "
+                            f"and --epochs is {args.epochs}, so there is nothing to train; "
+                            f"pass a larger --epochs to continue it")
 
     # a temporary model only to read its data config (mean/std, interpolation)
     probe_cfg = None
@@ -176,8 +181,10 @@ def _train(args, dist) -> dict:
         del resume_obj
 
     net = model
-    if args.compile:
-        net = torch.compile(model)
+    compile_mode = getattr(args, "compile_mode", None)
+    if args.compile or compile_mode:
+        # reduce-overhead: CUDA graphs; the eager and default-mode steps are host-bound.
+        net = compile_model(model, args.compile or "model", compile_mode)
     if dist.distributed:
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)

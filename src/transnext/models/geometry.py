@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.position_bias import FactoredBias
 from ..tables import cached
 
 POS_BIAS_MODES = ("extrapolate", "interpolate")
@@ -54,27 +55,108 @@ def _axis_table(q_len: int, k_len: int) -> tuple[list[float], list[list[int]]]:
     return values, [[where[d] for d in row] for row in diffs]
 
 
-def _build_bias_coords(q_hw, k_hw, pretrain_hw, device) -> tuple[Tensor, Tensor]:
-    axes = []
-    for q_len, k_len, pre in zip(q_hw, k_hw, pretrain_hw):
-        values, inverse = _axis_table(q_len, k_len)
-        # A pretrain grid of one cell has no spacing to normalise by: offsets
-        # are then taken in cells (divisor 1) instead of dividing by zero.
-        divisor = float(max(pre - 1, 1))
-        offsets = torch.tensor(values, dtype=torch.float32, device=device) / divisor * 8
-        axes.append((offsets, torch.tensor(inverse, dtype=torch.long, device=device)))
-    (uh, inv_h), (uw, inv_w) = axes
-    table = torch.stack(torch.meshgrid(uh, uw, indexing="ij"), dim=-1).reshape(-1, 2)
-    table = _log_spaced(table)
-    # index[(qh, qw), (kh, kw)] = inv_h[qh, kh] * Uw + inv_w[qw, kw]
-    index = inv_h[:, None, :, None] * uw.numel() + inv_w[None, :, None, :]
-    return table, index.reshape(q_hw[0] * q_hw[1], k_hw[0] * k_hw[1])
+def _bilinear_taps(out_len: int, in_len: int) -> list[list[tuple[int, float]]]:
+    """1-D bilinear resize as F.interpolate does it (align_corners=False): for each output
+    index, its (input index, weight) pairs; the identity when the lengths agree."""
+    if out_len == in_len:
+        return [[(i, 1.0)] for i in range(out_len)]
+    scale = in_len / out_len
+    taps = []
+    for i in range(out_len):
+        src = max((i + 0.5) * scale - 0.5, 0.0)
+        i0 = min(int(src), in_len - 1)
+        lam = src - i0
+        taps.append([(i0, 1.0 - lam), (min(i0 + 1, in_len - 1), lam)])
+    return taps
 
 
-def bias_coords(q_hw, k_hw, pretrain_hw, device) -> tuple[Tensor, Tensor]:
-    """Distinct log-spaced (dh, dw) pairs (U, 2) and the (Nq, Nk) index into them."""
-    return cached(_build_bias_coords, tuple(q_hw), tuple(k_hw), tuple(pretrain_hw),
-                  torch.device(device))
+def _axis_taps(q_len: int, k_len: int, q0_len: int, k0_len: int, pre: int, device):
+    """One axis of the position bias as a linear map of its distinct offsets.
+
+    The bias at the actual (q, k) pair of this axis is sum_j w[j] * f(offset[idx[j]]),
+    the offsets being those of the grids it is built on (q0_len, k0_len); with
+    interpolation the pairs are the bilinear taps of q (along the query grid) times those
+    of k (along the key grid), 4 in all, else one pair of weight 1. Returns the scaled
+    offsets (U,), idx (J, q_len * k_len) and w (J, q_len * k_len) or None when J == 1.
+    """
+    values, inverse = _axis_table(q0_len, k0_len)
+    tq, tk = _bilinear_taps(q_len, q0_len), _bilinear_taps(k_len, k0_len)
+    idx, wts = [], []
+    for q in range(q_len):
+        for k in range(k_len):
+            idx.append([inverse[a][b] for a, _ in tq[q] for b, _ in tk[k]])
+            wts.append([wa * wb for _, wa in tq[q] for _, wb in tk[k]])
+    # A pretrain grid of one cell has no spacing to normalise by: offsets are then
+    # taken in cells (divisor 1) instead of dividing by zero.
+    divisor = float(max(pre - 1, 1))
+    offsets = torch.tensor(values, dtype=torch.float32, device=device) / divisor * 8
+    idx_t = torch.tensor(idx, dtype=torch.int32, device=device).t().contiguous()
+    w_t = None
+    if idx_t.shape[0] > 1:
+        w_t = torch.tensor(wts, dtype=torch.float32, device=device).t().contiguous()
+    return offsets, idx_t, w_t
+
+
+@dataclass(frozen=True)
+class BiasPlan:
+    """The position bias of one stage as T (h, Uh, Uw), the cpb MLP on the distinct
+    (dh, dw) offset pairs, spread to (h, Nq, Nk) one axis at a time:
+    bias[h, (qh, qw), (kh, kw)] = sum_{i, j} wh[i] ww[j] T[h, ih[i], iw[j]] with
+    (ih, wh) indexed by (qh, kh) and (iw, ww) by (qw, kw). Interpolate mode's bilinear
+    resize is folded into the taps (it is linear and separable), so no (h, Nq0, Nk0)
+    bias is built and resized, and the backward is index_add over small tables instead
+    of a scatter of the whole bias into a few hundred cells."""
+
+    table: Tensor  # (Uh * Uw, 2) log-spaced (dh, dw), row-major over (Uh, Uw)
+    h_idx: Tensor  # (Jh, Hq * Hk) int32
+    h_w: Tensor | None  # (Jh, Hq * Hk), None when Jh == 1 (weights of 1)
+    w_idx: Tensor  # (Jw, Wq * Wk) int32
+    w_w: Tensor | None
+    q_hw: tuple[int, int]
+    k_hw: tuple[int, int]
+    num_w: int  # Uw
+
+
+def _build_bias_plan(q_hw, k_hw, q0_hw, k0_hw, pretrain_hw, device) -> BiasPlan:
+    (uh, ih, wh), (uw, iw, ww) = (
+        _axis_taps(q, k, q0, k0, pre, device)
+        for q, k, q0, k0, pre in zip(q_hw, k_hw, q0_hw, k0_hw, pretrain_hw))
+    table = _log_spaced(torch.stack(torch.meshgrid(uh, uw, indexing="ij"), dim=-1).reshape(-1, 2))
+    return BiasPlan(table, ih, wh, iw, ww, tuple(q_hw), tuple(k_hw), uw.numel())
+
+
+def bias_plan(q_hw, k_hw, q0_hw, k0_hw, pretrain_hw, device) -> BiasPlan:
+    """The cached :class:`BiasPlan` for actual grids (q_hw, k_hw), built at (q0_hw, k0_hw)."""
+    return cached(_build_bias_plan, tuple(q_hw), tuple(k_hw), tuple(q0_hw), tuple(k0_hw),
+                  tuple(pretrain_hw), torch.device(device))
+
+
+def _spread(x: Tensor, dim: int, idx: Tensor, w: Tensor | None) -> Tensor:
+    """sum_j w[j] * x.index_select(dim, idx[j]), the weights broadcast along ``dim``."""
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    out = None
+    for j in range(idx.shape[0]):
+        g = x.index_select(dim, idx[j])
+        if w is not None:
+            g = g * w[j].view(shape)
+        out = g if out is None else out + g
+    return out
+
+
+def factor_bias(per_pair: Tensor, plan: BiasPlan) -> FactoredBias:
+    """(U, h) cpb-MLP outputs on ``plan.table`` -> the bias in factored form: spread along
+    the width axis here (small: (h, Uh, Wq * Wk)), along the height axis by whoever reads
+    it (the Triton kernels, or :meth:`FactoredBias.dense`)."""
+    h = per_pair.shape[1]
+    t = per_pair.t().reshape(h, -1, plan.num_w)  # (h, Uh, Uw)
+    return FactoredBias(_spread(t, 2, plan.w_idx, plan.w_w), plan.h_idx, plan.h_w,
+                        plan.q_hw, plan.k_hw)
+
+
+def expand_bias(per_pair: Tensor, plan: BiasPlan) -> Tensor:
+    """(U, h) cpb-MLP outputs on ``plan.table`` -> the (h, Nq, Nk) bias, row-major."""
+    return factor_bias(per_pair, plan).dense()
 
 
 @dataclass(frozen=True)
@@ -93,8 +175,9 @@ class StageGeometry:
     def num_pool(self) -> int:
         return self.pool_hw[0] * self.pool_hw[1]
 
-    def coords(self, device) -> tuple[Tensor, Tensor]:
-        return bias_coords(self.bias_q_hw, self.bias_k_hw, self.pretrain_hw, device)
+    def bias_plan(self, device) -> BiasPlan:
+        return bias_plan((self.H, self.W), self.pool_hw, self.bias_q_hw, self.bias_k_hw,
+                         self.pretrain_hw, device)
 
 
 def stage_geometry(
@@ -128,19 +211,3 @@ def stage_geometry(
     else:
         ref_q, ref_k, interp = (H, W), pool, False
     return StageGeometry(H, W, pool, ref_q, ref_k, (pretrain, pretrain), interp)
-
-
-def resize_bias(bias: Tensor, geo: StageGeometry) -> Tensor:
-    """Interpolate mode: (h, Nq0, Nk0) at the reference grids -> (h, Nq, Nk) at the
-    actual grids, bilinear (align_corners=False), key grid first, then query grid."""
-    h = bias.shape[0]
-    (hq0, wq0), (hk0, wk0) = geo.bias_q_hw, geo.bias_k_hw
-    hq, wq = geo.H, geo.W
-    hk, wk = geo.pool_hw
-    b = bias.reshape(1, h * hq0 * wq0, hk0, wk0)
-    if (hk0, wk0) != (hk, wk):
-        b = F.interpolate(b, size=(hk, wk), mode="bilinear", align_corners=False)
-    b = b.reshape(h, hq0 * wq0, hk * wk).transpose(1, 2).reshape(1, h * hk * wk, hq0, wq0)
-    if (hq0, wq0) != (hq, wq):
-        b = F.interpolate(b, size=(hq, wq), mode="bilinear", align_corners=False)
-    return b.reshape(h, hk * wk, hq * wq).transpose(1, 2)

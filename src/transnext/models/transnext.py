@@ -8,6 +8,8 @@ weights load without renaming. Behaviour: ``shared/SPEC.md``.
 from __future__ import annotations
 
 import math
+import os
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -17,14 +19,20 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..ops import aggregated_attention, full_attention
+from ..ops.aggregated_attention import resolve_backend
 from .archs import ARCHS, PRETRAIN_SIZE
-from .checkpoint import checkpoint_filter_fn
-from .geometry import POS_BIAS_MODES, StageGeometry, resize_bias, stage_geometry
+from .checkpoint import checkpoint_filter_fn, read_pretrained_file
+from .geometry import POS_BIAS_MODES, StageGeometry, factor_bias, stage_geometry, stage_size
+
+try:  # torch.fx symbolic tracing only (newer torch's is_fx_tracing also covers export)
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
+except ImportError:  # pragma: no cover - older torch
+    from torch.fx._symbolic_trace import is_fx_tracing
 
 __all__ = ["TransNeXt", "ARCHS"]
 
@@ -48,8 +56,10 @@ def _init_weights(m: nn.Module) -> None:
 def _may_overwrite() -> bool:
     """True when no autograd graph is recorded (and no graph is being traced): a fresh
     intermediate may then be overwritten. On the CPU a fresh large buffer (page faults)
-    costs several times an elementwise op on it."""
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    costs several times an elementwise op on it. Never in an FX trace, which would keep
+    the no-grad state of trace time."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not is_fx_tracing())
 
 
 def _gelu_fresh(act: nn.Module, x: Tensor) -> Tensor:
@@ -77,12 +87,22 @@ class _CastShared(torch.autograd.Function):
         return total, None, None
 
 
+def _autocast_off(device):
+    """Autocast disabled on ``device`` (a no-op where autocast does not exist, e.g. 'meta')."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return nullcontext()
+
+
 def _cast_for_linears(x: Tensor, n: int) -> tuple[Tensor, ...]:
     """x for ``n`` Linear layers. Under autocast a LayerNorm returns fp32 and every Linear
     makes, and keeps for its backward, its own 16-bit copy of it (three per attention
     block); this makes one, with the same numbers forward and backward."""
+    if is_fx_tracing():  # a graph must not bake in the autocast state of trace time
+        return (x,) * n
     dev = x.device.type
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev) and n > 1:
+    if (x.dtype == torch.float32 and n > 1 and torch.amp.is_autocast_available(dev)
+            and torch.is_autocast_enabled(dev)):
         if torch.is_grad_enabled() and x.requires_grad:
             return _CastShared.apply(x, torch.get_autocast_dtype(dev), n)
         return (x.to(torch.get_autocast_dtype(dev)),) * n
@@ -99,6 +119,28 @@ def _map_to_tokens(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
 
 
+# ---- FX leaves -------------------------------------------------------------------
+# Input checks, stage tables, the position bias and the attention ops depend on concrete
+# sizes and values; an FX trace records each as one call (see the end of the module),
+# which then runs on the real tensors.
+
+def _checked_image(x: Tensor, in_chans: int) -> Tensor:
+    """x itself, after checking it is a non-empty (B, in_chans, H, W) float batch."""
+    if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
+        desc = f"a {x.ndim}-D {x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"TransNeXt expects a 4-D float image tensor (B, C, H, W), got {desc}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"TransNeXt was built for {in_chans} input channels, "
+                         f"got an image with {x.shape[1]} (shape {tuple(x.shape)})")
+    if x.shape[2] < 1 or x.shape[3] < 1 or x.shape[0] < 1:
+        raise ValueError(f"empty image batch of shape {tuple(x.shape)}")
+    return x
+
+
+def _position_bias(attn: _PositionBias, geo: StageGeometry, device, factored: bool = False):
+    return attn.position_bias(geo, device, factored)
+
+
 class OverlapPatchEmbed(nn.Module):
     def __init__(self, patch_size: int, stride: int, in_chans: int, embed_dim: int):
         super().__init__()
@@ -107,7 +149,8 @@ class OverlapPatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, int, int]:
         w = self.proj.weight
-        if (w.is_contiguous() and not x.is_contiguous() and w.numel() > x.numel()
+        if not is_fx_tracing() and (  # layouts are unknown while tracing
+                w.is_contiguous() and not x.is_contiguous() and w.numel() > x.numel()
                 and x.is_contiguous(memory_format=torch.channels_last)):
             # A channels_last map meeting a plain weight makes the conv convert the weight
             # on every call (6 MB for patch_embed4); converting the smaller map is cheaper.
@@ -163,7 +206,8 @@ class ConvolutionalGLU(nn.Module):
         xg, xv = _cast_for_linears(x, 2)
         gate = F.linear(xg, w[:hidden], b[:hidden])
         value = F.linear(xv, w[hidden:], b[hidden:])
-        recompute = gate.is_cuda if self.recompute is None else self.recompute
+        recompute = (not is_fx_tracing()  # checkpointing has no place in an FX graph
+                     and (gate.is_cuda if self.recompute is None else self.recompute))
         if recompute and self.training and torch.is_grad_enabled() and (
                 gate.requires_grad or value.requires_grad):
             x = checkpoint(self._gated, gate, value, H, W, use_reentrant=False)
@@ -182,33 +226,48 @@ class _PositionBias(nn.Module):
         self.cpb_fc2 = nn.Linear(512, num_heads, bias=True)
         self._bias_cache: dict = {}
 
-    def _compute_bias(self, geo: StageGeometry, device) -> Tensor:
-        table, index = geo.coords(device)
+    def _compute_bias(self, geo: StageGeometry, device, factored: bool):
+        plan = geo.bias_plan(device)
         # fp32 regardless of autocast: the bias is small, shared and cacheable.
-        with torch.autocast(device_type=device.type, enabled=False):
+        with _autocast_off(device):
             acc = torch.promote_types(self.cpb_fc1.weight.dtype, torch.float32)
             w1, w2 = self.cpb_fc1.weight.to(acc), self.cpb_fc2.weight.to(acc)
             b1, b2 = self.cpb_fc1.bias.to(acc), self.cpb_fc2.bias.to(acc)
-            per_pair = F.linear(F.relu(F.linear(table.to(acc), w1, b1)), w2, b2)  # (U, h)
-            bias = per_pair.t()[:, index]  # (h, Nq0, Nk0)
-            if geo.interpolate:
-                bias = resize_bias(bias, geo)
-        # Kernels (ours and SDPA's mask) want a row-major bias; inductor may pick
-        # another stride order for the gather.
-        return bias.contiguous()
+            per_pair = F.linear(F.relu(F.linear(plan.table.to(acc), w1, b1)), w2, b2)  # (U, h)
+            bias = factor_bias(per_pair, plan)
+            # the Triton kernels read the factored form; SDPA and the reference a dense one
+            return bias if factored else bias.dense()
 
-    def position_bias(self, geo: StageGeometry, device) -> Tensor:
+    def position_bias(self, geo: StageGeometry, device, factored: bool = False):
+        """The (h, Nq, Nk) bias, or with ``factored`` an ``ops.position_bias.FactoredBias``."""
         params = (self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias)
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if needs_grad or torch.compiler.is_compiling():
-            return self._compute_bias(geo, device)
-        key = (geo, str(device), tuple((p.data_ptr(), p._version) for p in params))
+            return self._compute_bias(geo, device, factored)
+        key = (geo, str(device), factored, tuple((p.data_ptr(), p._version) for p in params))
         bias = self._bias_cache.get(key)
         if bias is None:
             if len(self._bias_cache) >= 4:
                 self._bias_cache.clear()
-            bias = self._bias_cache[key] = self._compute_bias(geo, device)
+            bias = self._bias_cache[key] = self._compute_bias(geo, device, factored)
         return bias
+
+
+POOL_BIAS_FORMS = ("auto", "dense", "factored")
+
+
+def _factored(backend: str) -> bool:
+    """Hand the Triton kernels the factored pool bias (``ops.position_bias``)? ``auto``:
+    when a graph is recorded (training): the (h, N, P) bias is then never written nor kept
+    for the backward (at 800x1333 the step's peak memory halves); in inference the dense
+    bias is cached per size and read faster. ``TRANSNEXT_POOL_BIAS=dense|factored``
+    forces one form (benchmarks)."""
+    form = os.environ.get("TRANSNEXT_POOL_BIAS", "auto").strip().lower() or "auto"
+    if form not in POOL_BIAS_FORMS:
+        raise ValueError(f"TRANSNEXT_POOL_BIAS={form!r} is not one of {', '.join(POOL_BIAS_FORMS)}")
+    if backend != "triton" or form == "dense":
+        return False
+    return form == "factored" or torch.is_grad_enabled()
 
 
 def _query_params(num_heads: int, head_dim: int) -> tuple[nn.Parameter, nn.Parameter]:
@@ -263,11 +322,13 @@ class AggregatedAttention(_PositionBias):
         pooled = self.norm(_map_to_tokens(pooled))
         k_pool, v_pool = self.kv(pooled).reshape(B, geo.num_pool, 2, h, d).unbind(2)
 
+        # (an FX trace leaves the choice to the op, a leaf there)
+        backend = None if is_fx_tracing() else resolve_backend(q, self.attn_drop, self.training)
         out = aggregated_attention(
-            q, k, v, k_pool, v_pool, self.position_bias(geo, x.device),
+            q, k, v, k_pool, v_pool, _position_bias(self, geo, x.device, _factored(backend)),
             self.query_embedding, self.temperature, self.relative_pos_bias_local,
             self.learnable_tokens, self.learnable_bias, H, W, self.window_size,
-            attn_drop=self.attn_drop, training=self.training,
+            attn_drop=self.attn_drop, training=self.training, backend=backend,
         )
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
 
@@ -293,7 +354,7 @@ class Attention(_PositionBias):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
         out = full_attention(
-            q, k, v, self.position_bias(geo, x.device), self.query_embedding,
+            q, k, v, _position_bias(self, geo, x.device), self.query_embedding,
             self.temperature, attn_drop=self.attn_drop, training=self.training,
         )
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
@@ -318,6 +379,14 @@ class Block(nn.Module):
     def forward(self, x: Tensor, H: int, W: int, geo: StageGeometry) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), H, W, geo))
         return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+
+
+class StageNorm(nn.LayerNorm):
+    """A stage's closing LayerNorm (``norm{i}``); returns the NCHW stage map, so what
+    forward hooks and FX feature extraction take at ``norm{i}`` is the stage map."""
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        return _tokens_to_map(super().forward(x), H, W)
 
 
 class TransNeXt(nn.Module):
@@ -369,7 +438,16 @@ class TransNeXt(nn.Module):
         img_size = _check_img_size(img_size)
         if not isinstance(pretrain_size, int) or pretrain_size < 1:
             raise ValueError(f"pretrain_size must be a positive int, got {pretrain_size!r}")
-        _check_pool(global_pool, num_classes)
+        _check_int("in_chans", in_chans, 1)
+        _check_int("num_classes", num_classes, 0)
+        _check_arch(embed_dims, num_heads, depths, mlp_ratios, sr_ratios, window_size)
+        for name, rate in (("drop_rate", drop_rate), ("proj_drop_rate", proj_drop_rate),
+                           ("attn_drop_rate", attn_drop_rate),
+                           ("drop_path_rate", drop_path_rate)):
+            _check_rate(name, rate)
+        if glu_recompute not in (None, True, False):
+            raise ValueError(f"glu_recompute must be None, True or False, got {glu_recompute!r}")
+        _check_pool(global_pool)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_stages = len(depths)
@@ -387,7 +465,7 @@ class TransNeXt(nn.Module):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.drop_rate = drop_rate
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         cur = 0
         self.feature_info = []
         for i in range(self.num_stages):
@@ -398,7 +476,7 @@ class TransNeXt(nn.Module):
                 Block(embed_dims[i], num_heads[i], mlp_ratios[i], sr_ratios[i], window_size,
                       qkv_bias, proj_drop_rate, attn_drop_rate, dpr[cur + j], glu_recompute)
                 for j in range(depths[i])]))
-            setattr(self, f"norm{i + 1}", nn.LayerNorm(embed_dims[i], eps=1e-6))
+            setattr(self, f"norm{i + 1}", StageNorm(embed_dims[i], eps=1e-6))
             cur += depths[i]
             self.feature_info.append(
                 dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"norm{i + 1}"))
@@ -433,7 +511,7 @@ class TransNeXt(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         pool = self.global_pool if global_pool is None else global_pool
-        _check_pool(pool, num_classes)
+        _check_pool(pool)
         self.num_classes = num_classes
         self.global_pool = pool
         ref = next(self.parameters())
@@ -441,24 +519,13 @@ class TransNeXt(nn.Module):
                      if num_classes > 0 else nn.Identity())
         if num_classes > 0:
             _init_weights(self.head)
+        self.head.train(self.training)
 
     def set_fixed_pool_size(self, size: int | None) -> None:
         """Linear inference mode: pool every aggregated stage to size x size (None: off)."""
         self.fixed_pool_size = _check_pool_size(size)
 
     # ---- forward --------------------------------------------------------
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
-            desc = (f"a {x.ndim}-D {x.dtype} tensor" if isinstance(x, Tensor)
-                    else type(x).__name__)
-            raise ValueError(f"TransNeXt expects a 4-D float image tensor (B, C, H, W), "
-                             f"got {desc}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"TransNeXt was built for {self.in_chans} input channels, "
-                             f"got an image with {x.shape[1]} (shape {tuple(x.shape)})")
-        if x.shape[2] < 1 or x.shape[3] < 1 or x.shape[0] < 1:
-            raise ValueError(f"empty image batch of shape {tuple(x.shape)}")
-
     def _geometry(self, stage: int, H: int, W: int) -> StageGeometry:
         return stage_geometry(H, W, stage, self.sr_ratios[stage], self.pretrain_size,
                               self.fixed_pool_size, self.pos_bias, self.img_size)
@@ -472,11 +539,10 @@ class TransNeXt(nn.Module):
                 x = checkpoint(blk, x, H, W, geo, use_reentrant=False)
             else:
                 x = blk(x, H, W, geo)
-        x = getattr(self, f"norm{i + 1}")(x)
-        return _tokens_to_map(x, H, W)
+        return getattr(self, f"norm{i + 1}")(x, H, W)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        x = _checked_image(x, self.in_chans)
         for i in range(self.num_stages):
             x = self._run_stage(i, x)
         return x
@@ -485,7 +551,12 @@ class TransNeXt(nn.Module):
         if self.global_pool == "avg":
             x = x.mean(dim=(2, 3))
         x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+        if pre_logits:
+            return x
+        if self.global_pool == "" and self.num_classes > 0:
+            # No pooling: the classifier at every location, logits (B, classes, H, W).
+            return self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -506,7 +577,7 @@ class TransNeXt(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._check_input(x)
+        x = _checked_image(x, self.in_chans)
         take, max_index = feature_take_indices(self.num_stages, indices)
         intermediates = []
         last = max_index if (stop_early or intermediates_only) else self.num_stages - 1
@@ -533,12 +604,49 @@ class TransNeXt(nn.Module):
         return take
 
 
-def _check_pool(global_pool: str, num_classes: int) -> None:
+def _check_pool(global_pool: str) -> None:
     if global_pool not in ("avg", ""):
         raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-    if global_pool == "" and num_classes > 0:
-        raise ValueError("global_pool='' (no pooling) leaves a feature map; it needs "
-                         "num_classes=0, since the classifier is applied to pooled features")
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int of {low} or more, got {value!r}")
+
+
+def _check_rate(name: str, value) -> None:
+    # 1 would drop everything (DropPath divides by 1 - rate)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def _check_arch(embed_dims, num_heads, depths, mlp_ratios, sr_ratios, window_size) -> None:
+    per_stage = dict(embed_dims=embed_dims, num_heads=num_heads, depths=depths,
+                     mlp_ratios=mlp_ratios, sr_ratios=sr_ratios)
+    lengths = {}
+    for name, seq in per_stage.items():
+        if isinstance(seq, (str, bytes)) or not hasattr(seq, "__len__"):
+            raise ValueError(f"{name} must be a sequence with one value per stage, got {seq!r}")
+        lengths[name] = len(seq)
+    if len(set(lengths.values())) != 1 or not lengths["depths"]:
+        raise ValueError(f"embed_dims, num_heads, depths, mlp_ratios and sr_ratios need one "
+                         f"value per stage, got lengths {lengths}")
+    for i in range(lengths["depths"]):
+        _check_int(f"embed_dims[{i}]", embed_dims[i], 1)
+        _check_int(f"num_heads[{i}]", num_heads[i], 1)
+        _check_int(f"depths[{i}]", depths[i], 0)
+        _check_int(f"sr_ratios[{i}]", sr_ratios[i], 1)
+        if embed_dims[i] % num_heads[i]:
+            raise ValueError(f"embed_dims[{i}]={embed_dims[i]} is not divisible by "
+                             f"num_heads[{i}]={num_heads[i]}")
+        r = mlp_ratios[i]
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or int(
+                2 * int(embed_dims[i] * r) / 3) < 1:
+            raise ValueError(f"mlp_ratios[{i}]={r!r} leaves the GLU of a {embed_dims[i]}-wide "
+                             f"stage no hidden channel")
+    _check_int("window_size", window_size, 1)
+    if window_size % 2 != 1:
+        raise ValueError(f"window_size must be odd, got {window_size}")
 
 
 def _check_img_size(size) -> int | tuple[int, int] | None:
@@ -562,11 +670,21 @@ def _check_pool_size(size) -> int | None:
     return size
 
 
+# ---- FX: the leaves above, for torch.fx's own tracer and for timm's tracer lists ----
+for _name in ("_checked_image", "stage_geometry", "_position_bias", "aggregated_attention",
+              "full_attention"):
+    torch.fx.wrap(_name)
+    register_notrace_function(globals()[_name])
+del _name
+
+
 # ---- timm registration -------------------------------------------------------
 
-def _cfg(**kwargs) -> dict:
+def _cfg(input_size=(3, 224, 224), **kwargs) -> dict:
+    # pool_size: the unpooled feature map (stride 32) at input_size.
     return {
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "num_classes": 1000, "input_size": input_size,
+        "pool_size": tuple(stage_size(s, 3) for s in input_size[1:]),
         "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed1.proj", "classifier": "head",
@@ -600,17 +718,30 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> TransNeXt:
+def _create(variant: str, pretrained: bool = False, device=None, dtype=None,
+            **kwargs) -> TransNeXt:
     model_args = dict(ARCHS[variant], pretrain_size=PRETRAIN_SIZE.get(variant, 224))
     if kwargs.get("pretrain_size") is None:
         kwargs.pop("pretrain_size", None)
+    if pretrained:  # a local file: read (and refused) by the package's loader
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay"):
+            if isinstance(kwargs.get(key), dict):
+                kwargs[key] = read_pretrained_file(kwargs[key])
     model_args.update(kwargs)
-    return build_model_with_cfg(
-        TransNeXt, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **model_args,
-    )
+    # timm's factory passes device and dtype (create_model(..., device="meta")): the
+    # parameters are created on that device, then cast.
+    with torch.device(device) if device is not None else nullcontext():
+        model = build_model_with_cfg(
+            TransNeXt, variant, pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+            **model_args,
+        )
+    for m in (model, getattr(model, "model", None)):  # features_only wraps the model
+        cfg = getattr(m, "pretrained_cfg", None)
+        if isinstance(cfg, dict) and cfg.get("state_dict") is not None:
+            cfg["state_dict"] = None  # loaded; don't keep a second copy of the weights
+    return model if dtype is None else model.to(dtype)
 
 
 def _register(name: str):

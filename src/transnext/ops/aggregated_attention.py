@@ -27,6 +27,7 @@ import os
 import torch
 from torch import Tensor
 
+from .position_bias import FactoredBias
 from .reference import aggregated_attention_reference
 
 BACKENDS = ("auto", "reference", "triton")
@@ -63,13 +64,27 @@ def backend_from_env() -> str:
     return name
 
 
+def resolve_backend(q: Tensor, attn_drop: float = 0.0, training: bool = False,
+                    backend: str | None = None) -> str:
+    """'reference' or 'triton': what :func:`aggregated_attention` will run for these inputs."""
+    name = backend or backend_from_env()
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {', '.join(BACKENDS)}")
+    if (attn_drop > 0.0 and training) or q.dtype == torch.float64:
+        # The fused kernels have no attention dropout and compute in fp32 (fp64 stays exact).
+        return "reference"
+    if name == "auto":
+        return "triton" if q.is_cuda and _triton_op() is not None else "reference"
+    return name
+
+
 def aggregated_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     k_pool: Tensor,
     v_pool: Tensor,
-    pool_bias: Tensor,
+    pool_bias: Tensor | FactoredBias,
     query_embedding: Tensor,
     temperature: Tensor,
     rel_bias_local: Tensor,
@@ -87,7 +102,9 @@ def aggregated_attention(
     Shapes (h heads of size d, N = H*W query tokens, P pooled tokens):
       q, k, v           (B, N, h, d)  raw projections (not normalised); any strides
       k_pool, v_pool    (B, P, h, d)  raw projections of the pooled tokens
-      pool_bias         (h, N, P)     continuous position bias (SPEC section 5)
+      pool_bias         (h, N, P)     continuous position bias (SPEC section 5), or the
+                                      same as a FactoredBias (read by the kernels in
+                                      that form: no (h, N, P) tensor is written)
       query_embedding   (h, 1, d)
       temperature       (h, 1, 1)     raw; softplus is applied inside
       rel_bias_local    (h, w*w)
@@ -96,16 +113,9 @@ def aggregated_attention(
     Returns (B, N, h, d) in q's dtype. Length scales and the border mask are
     derived from (H, W, window, P) inside the op.
     """
-    name = backend or backend_from_env()
+    name = resolve_backend(q, attn_drop, training, backend)
     args = (q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
             rel_bias_local, learnable_tokens, learnable_bias, H, W, window)
-    if name not in BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not one of {', '.join(BACKENDS)}")
-    if (attn_drop > 0.0 and training) or q.dtype == torch.float64:
-        # The fused kernels have no attention dropout and compute in fp32 (fp64 stays exact).
-        name = "reference"
-    if name == "auto":
-        name = "triton" if q.is_cuda and _triton_op() is not None else "reference"
     if name == "reference":
         return aggregated_attention_reference(*args, attn_drop=attn_drop, training=training)
     fn = _triton_op()

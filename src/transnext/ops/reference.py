@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..tables import cached
+from .position_bias import FactoredBias
 
 
 def window_offsets(window: int) -> list[tuple[int, int]]:
@@ -79,6 +80,8 @@ def aggregated_attention_reference(
     Everything stays in the projections' own (B, N, h, d) layout, so there are
     no head transposes; the w*w neighbours are shifted views of one padded copy.
     """
+    if isinstance(pool_bias, FactoredBias):
+        pool_bias = pool_bias.dense()
     B, N, h, d = q.shape
     P = k_pool.shape[1]
     r = window // 2

@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .position_bias import FactoredBias
+
 _EPS = 1e-12  # F.normalize's eps
 
 
@@ -42,17 +44,17 @@ _EPS = 1e-12  # F.normalize's eps
 # ----------------------------------------------------------------------------
 
 def _fwd_kernel(
-    Q, K, V, KP, VP, PB, QE, TEMP, RBL, LT, LB, OUT, LSE, ORES,
+    Q, K, V, KP, VP, PB, PBI, PBW, QE, TEMP, RBL, LT, LB, OUT, LSE, ORES,
     sqb, sqn, sqh, sqd,
     skb, skn, skh, skd,
     svb, svn, svh, svd,
     skpb, skpp, skph, skpd,
     svpb, svpp, svph, svpd,
     spbh, spbn, spbp,
-    N, P, H, W, NH,
+    N, P, H, W, NH, HK, WK,
     HEAD_D: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr, WWP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, IS_F32: tl.constexpr, PREC: tl.constexpr,
-    ALIGN: tl.constexpr, SAVE_RES: tl.constexpr,
+    ALIGN: tl.constexpr, SAVE_RES: tl.constexpr, JT: tl.constexpr, HAS_W: tl.constexpr,
 ):
     # strides are passed divided by ALIGN so that the compiler sees rows aligned for vector loads
     sqb, sqn, sqh = sqb * ALIGN, sqn * ALIGN, sqh * ALIGN
@@ -116,8 +118,21 @@ def _fwd_kernel(
                      mask=mp, other=0.0)
         kph = kp / tl.maximum(tl.sqrt(tl.sum(kp * kp, 1)), 1e-12)[:, None]
         sc = tl.dot(qt, tl.trans(kph), input_precision=PREC)
-        pb = tl.load(PB + hh * spbh + offs_n[:, None] * spbn + offs_p[None, :] * spbp,
-                     mask=row_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+        mnp = row_ok[:, None] & p_ok[None, :]
+        if JT == 0:
+            pb = tl.load(PB + hh * spbh + offs_n[:, None] * spbn + offs_p[None, :] * spbp,
+                         mask=mnp, other=0.0).to(tl.float32)
+        else:  # factored (ops.position_bias): gather rows of the (h, R, W * WK) table
+            pb_rows = (y * HK)[:, None] + (offs_p // WK)[None, :]
+            pb_cols = (x * WK)[:, None] + (offs_p % WK)[None, :]
+            pb = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
+            for tap in tl.static_range(JT):  # not j: j is a loop-carried int here (compiler)
+                a = tl.load(PBI + tap * H * HK + pb_rows, mask=mnp, other=0)
+                pbt = tl.load(PB + hh * spbh + a * spbn + pb_cols * spbp, mask=mnp,
+                              other=0.0).to(tl.float32)
+                if HAS_W:
+                    pbt = pbt * tl.load(PBW + tap * H * HK + pb_rows, mask=mnp, other=0.0)
+                pb += pbt
         sc = tl.where(p_ok[None, :], sc + pb, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         alpha = tl.exp(m_i - m_new)
@@ -158,7 +173,7 @@ def _fwd_kernel(
 
 
 def _bwd_q_kernel(
-    Q, K, V, KP, VP, PB, QE, TEMP, RBL, LT, LB, OUT, ORES, LSE, DO,
+    Q, K, V, KP, VP, PB, PBI, PBW, QE, TEMP, RBL, LT, LB, OUT, ORES, LSE, DO,
     DQ, DELTA, DPB, DQE, DTEMP, DRBL, DLT, DLB,
     sqb, sqn, sqh, sqd,
     skb, skn, skh, skd,
@@ -167,10 +182,11 @@ def _bwd_q_kernel(
     svpb, svpp, svph, svpd,
     spbh, spbn, spbp,
     sdob, sdon, sdoh, sdod,
-    B, N, P, H, W, NH, B_PER_G,
+    B, N, P, H, W, NH, B_PER_G, HK, WK,
     HEAD_D: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr, WWP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, IS_F32: tl.constexpr, PREC: tl.constexpr,
-    ALIGN: tl.constexpr, ONE_PB: tl.constexpr, SAVE_RES: tl.constexpr,
+    ALIGN: tl.constexpr, ONE_PB: tl.constexpr, SAVE_RES: tl.constexpr, JT: tl.constexpr,
+    HAS_W: tl.constexpr,
 ):
     # strides are passed divided by ALIGN so that the compiler sees rows aligned for vector loads
     sqb, sqn, sqh = sqb * ALIGN, sqn * ALIGN, sqh * ALIGN
@@ -283,8 +299,20 @@ def _bwd_q_kernel(
                          mask=mp, other=0.0)
             kph = kp / tl.maximum(tl.sqrt(tl.sum(kp * kp, 1)), 1e-12)[:, None]
             sc = tl.dot(qt, tl.trans(kph), input_precision=PREC)
-            pb = tl.load(PB + hh * spbh + offs_n[:, None] * spbn + offs_p[None, :] * spbp,
-                         mask=mnp, other=0.0).to(tl.float32)
+            if JT == 0:
+                pb = tl.load(PB + hh * spbh + offs_n[:, None] * spbn + offs_p[None, :] * spbp,
+                             mask=mnp, other=0.0).to(tl.float32)
+            else:  # factored (ops.position_bias): gather rows of the (h, R, W * WK) table
+                pb_rows = (y * HK)[:, None] + (offs_p // WK)[None, :]
+                pb_cols = (x * WK)[:, None] + (offs_p % WK)[None, :]
+                pb = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
+                for tap in tl.static_range(JT):
+                    a = tl.load(PBI + tap * H * HK + pb_rows, mask=mnp, other=0)
+                    pbt = tl.load(PB + hh * spbh + a * spbn + pb_cols * spbp, mask=mnp,
+                                  other=0.0).to(tl.float32)
+                    if HAS_W:
+                        pbt = pbt * tl.load(PBW + tap * H * HK + pb_rows, mask=mnp, other=0.0)
+                    pb += pbt
             ap = tl.where(mnp, tl.exp(sc + pb - lse[:, None]), 0.0)
             if IS_F32:
                 da = tl.dot(dof, tl.trans(vp.to(tl.float32)), input_precision="ieee")
@@ -292,7 +320,15 @@ def _bwd_q_kernel(
                 da = tl.dot(do, tl.trans(vp))
             ds = ap * (da - delta[:, None])
             dqt += tl.dot(ds, kph, input_precision=PREC)
-            if ONE_PB:
+            if JT > 0:  # scatter into the rows of the factored table (same strides as PB)
+                for tap in tl.static_range(JT):
+                    a = tl.load(PBI + tap * H * HK + pb_rows, mask=mnp, other=0)
+                    dsj = ds
+                    if HAS_W:
+                        dsj = ds * tl.load(PBW + tap * H * HK + pb_rows, mask=mnp, other=0.0)
+                    tl.atomic_add(DPB + hh * spbh + a * spbn + pb_cols * spbp, dsj, mask=mnp,
+                                  sem="relaxed")
+            elif ONE_PB:
                 dpb_acc += ds
             else:
                 tl.atomic_add(dpb_base + offs_n[:, None] * P + offs_p[None, :], ds, mask=mnp,
@@ -401,16 +437,16 @@ def _bwd_kv_local_kernel(
 
 
 def _bwd_kv_pool_kernel(
-    Q, KP, VP, PB, QE, TEMP, LSE, DELTA, DO, DKP, DVP, DKPH_P, DVP_P,
+    Q, KP, VP, PB, PBI, PBW, QE, TEMP, LSE, DELTA, DO, DKP, DVP, DKPH_P, DVP_P,
     sqb, sqn, sqh, sqd,
     skpb, skpp, skph, skpd,
     svpb, svpp, svph, svpd,
     spbh, spbn, spbp,
     sdob, sdon, sdoh, sdod,
-    NB, N, P, H, W, NH,
+    NB, N, P, H, W, NH, HK, WK,
     HEAD_D: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, IS_F32: tl.constexpr, PREC: tl.constexpr,
-    ALIGN: tl.constexpr, SPLIT: tl.constexpr,
+    ALIGN: tl.constexpr, SPLIT: tl.constexpr, JT: tl.constexpr, HAS_W: tl.constexpr,
 ):
     # strides are passed divided by ALIGN so that the compiler sees rows aligned for vector loads
     sqb, sqn, sqh = sqb * ALIGN, sqn * ALIGN, sqh * ALIGN
@@ -465,8 +501,20 @@ def _bwd_kv_pool_kernel(
         q_hat = q / tl.maximum(tl.sqrt(tl.sum(q * q, 1)), 1e-12)[:, None]
         qt = (q_hat + qe[None, :]) * (tau * s)[:, None]
         sc = tl.dot(qt, tl.trans(kph), input_precision=PREC)
-        pb = tl.load(PB + hh * spbh + offs_n[:, None] * spbn + offs_p[None, :] * spbp,
-                     mask=mnp, other=0.0).to(tl.float32)
+        if JT == 0:
+            pb = tl.load(PB + hh * spbh + offs_n[:, None] * spbn + offs_p[None, :] * spbp,
+                         mask=mnp, other=0.0).to(tl.float32)
+        else:  # factored (ops.position_bias): gather rows of the (h, R, W * WK) table
+            pb_rows = (y * HK)[:, None] + (offs_p // WK)[None, :]
+            pb_cols = (x * WK)[:, None] + (offs_p % WK)[None, :]
+            pb = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
+            for tap in tl.static_range(JT):
+                a = tl.load(PBI + tap * H * HK + pb_rows, mask=mnp, other=0)
+                pbt = tl.load(PB + hh * spbh + a * spbn + pb_cols * spbp, mask=mnp,
+                              other=0.0).to(tl.float32)
+                if HAS_W:
+                    pbt = pbt * tl.load(PBW + tap * H * HK + pb_rows, mask=mnp, other=0.0)
+                pb += pbt
         ap = tl.where(mnp, tl.exp(sc + pb - lse[:, None]), 0.0)
         if IS_F32:
             dof = do.to(tl.float32)
@@ -568,7 +616,7 @@ def _cfg(name: str, N: int, P: int, d: int, is_cuda: bool):
     return D, bn, bp, dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
 
 
-def _check(q, k, v, k_pool, v_pool, pool_bias, H, W, window):
+def _check(q, k, v, k_pool, v_pool, pool_bias, pb_idx, pool_hw, H, W, window):
     B, N, h, d = q.shape
     if N != H * W:
         raise ValueError(f"q has N={N} tokens but H*W={H * W}")
@@ -579,7 +627,14 @@ def _check(q, k, v, k_pool, v_pool, pool_bias, H, W, window):
     P = k_pool.shape[1]
     if k_pool.shape != (B, P, h, d) or v_pool.shape != (B, P, h, d):
         raise ValueError("k_pool, v_pool must be (B, P, h, d)")
-    if pool_bias.shape != (h, N, P):
+    if pb_idx.numel():  # factored (ops.position_bias.FactoredBias)
+        HK, WK = pool_hw
+        if (HK * WK != P or pool_bias.dim() != 3 or pool_bias.shape[0] != h
+                or pool_bias.shape[2] != W * WK or pb_idx.shape[1:] != (H * HK,)):
+            raise ValueError(f"factored pool_bias: table {tuple(pool_bias.shape)} and index "
+                             f"{tuple(pb_idx.shape)} do not fit H, W = {H}, {W} and a "
+                             f"{HK}x{WK} pool grid with {h} heads")
+    elif pool_bias.shape != (h, N, P):
         raise ValueError(
             f"pool_bias must be (h, N, P)=({h}, {N}, {P}), got {tuple(pool_bias.shape)}")
 
@@ -588,9 +643,17 @@ def _small(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
+def _fact(pb_idx, pb_w, pool_hw):
+    """Kernel arguments of the bias form: JT taps (0: dense), HAS_W, HK, WK."""
+    jt = pb_idx.shape[0] if pb_idx.numel() else 0
+    return dict(JT=jt, HAS_W=pb_w.numel() > 0), tuple(pool_hw)
+
+
 def _fwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
-              rel_bias_local, learnable_tokens, learnable_bias, H, W, window, save_residual):
-    _check(q, k, v, k_pool, v_pool, pool_bias, H, W, window)
+              rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w, H, W, window,
+              pool_h, pool_w, save_residual):
+    _check(q, k, v, k_pool, v_pool, pool_bias, pb_idx, (pool_h, pool_w), H, W, window)
+    fk, (HK, WK) = _fact(pb_idx, pb_w, (pool_h, pool_w))
     B, N, h, d = q.shape
     P = k_pool.shape[1]
     interp = not q.is_cuda
@@ -606,21 +669,22 @@ def _fwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     grid = (triton.cdiv(N, BLOCK_N), B * h)
     al = _align(q, k, v, k_pool, v_pool)
     _kernel(_fwd_kernel, interp)[grid](
-        q, k, v, k_pool, v_pool, pool_bias, qe, temp, rbl, lt, lb, out, lse,
+        q, k, v, k_pool, v_pool, pool_bias, pb_idx, pb_w, qe, temp, rbl, lt, lb, out, lse,
         ores if save_res else out,
         *_sd(q, al), *_sd(k, al), *_sd(v, al), *_sd(k_pool, al), *_sd(v_pool, al),
         *_strides(pool_bias),
-        N, P, H, W, h,
+        N, P, H, W, h, HK, WK,
         HEAD_D=d, D=D, WIN=window, WWP=max(16, triton.next_power_of_2(window * window)),
         BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, IS_F32=(q.dtype == torch.float32),
-        PREC=_prec(q.dtype), ALIGN=al, SAVE_RES=save_res, **kw,
+        PREC=_prec(q.dtype), ALIGN=al, SAVE_RES=save_res, **fk, **kw,
     )
     return out, lse, ores
 
 
 def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
-              rel_bias_local, learnable_tokens, learnable_bias, out, out_res, lse, dout, H, W,
-              window):
+              rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w, out, out_res, lse,
+              dout, H, W, window, pool_h, pool_w):
+    fk, (HK, WK) = _fact(pb_idx, pb_w, (pool_h, pool_w))
     B, N, h, d = q.shape
     P = k_pool.shape[1]
     WW = window * window
@@ -641,7 +705,7 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     delta = torch.empty((B, h, N), dtype=f32, device=dev)
 
     D, BLOCK_N, BLOCK_P, kw = _cfg("bwd_q", N, P, d, q.is_cuda)
-    one_pb = P <= TUNE["bwd_q"].get("ONE_PB_MAX", 64)
+    one_pb = P <= TUNE["bwd_q"].get("ONE_PB_MAX", 64) and fk["JT"] == 0
     if one_pb:
         BLOCK_P = max(16, triton.next_power_of_2(P))
     n_tiles = triton.cdiv(N, BLOCK_N)
@@ -656,7 +720,8 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     b_per_g = triton.cdiv(B, G)
     G = triton.cdiv(B, b_per_g)
     zf = dict(dtype=f32, device=dev)
-    dpb_f = torch.zeros((h, N, P), **zf)
+    # the bias grad in the bias's own form (and strides: the kernel reuses PB's)
+    dpb_f = torch.zeros(pool_bias.shape, **zf) if fk["JT"] else torch.zeros((h, N, P), **zf)
     dqe_f = torch.zeros(query_embedding.shape, **zf)
     dtemp_f = torch.zeros(temperature.shape, **zf)
     drbl_f = torch.zeros(rel_bias_local.shape, **zf)
@@ -664,15 +729,15 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     dlb_f = torch.zeros(learnable_bias.shape, **zf)
 
     _kernel(_bwd_q_kernel, interp)[(n_tiles, h, G)](
-        q, k, v, k_pool, v_pool, pool_bias, qe, temp, rbl, lt, lb, out,
+        q, k, v, k_pool, v_pool, pool_bias, pb_idx, pb_w, qe, temp, rbl, lt, lb, out,
         out_res if out_res.numel() else out, lse, dout, dq, delta, dpb_f, dqe_f, dtemp_f, drbl_f,
         dlt_f, dlb_f,
         *_sd(q, al), *_sd(k, al), *_sd(v, al), *_sd(k_pool, al), *_sd(v_pool, al),
         *_strides(pool_bias), *_sd(dout, al),
-        B, N, P, H, W, h, b_per_g,
+        B, N, P, H, W, h, b_per_g, HK, WK,
         HEAD_D=d, D=D, WIN=window, WWP=WWP, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
         IS_F32=is_f32, PREC=_prec(q.dtype), ALIGN=al, ONE_PB=one_pb,
-        SAVE_RES=out_res.numel() > 0, **kw,
+        SAVE_RES=out_res.numel() > 0, **fk, **kw,
     )
     D, BLOCK_N, _, kw = _cfg("bwd_kv_local", N, P, d, q.is_cuda)
     _kernel(_bwd_kv_local_kernel, interp)[(triton.cdiv(N, BLOCK_N), B * h)](
@@ -697,11 +762,12 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     else:
         dkph_p = dvp_p = dkp  # unused
     _kernel(_bwd_kv_pool_kernel, interp)[(p_tiles, B * h, split)](
-        q, k_pool, v_pool, pool_bias, qe, temp, lse, delta, dout, dkp, dvp, dkph_p, dvp_p,
+        q, k_pool, v_pool, pool_bias, pb_idx, pb_w, qe, temp, lse, delta, dout, dkp, dvp,
+        dkph_p, dvp_p,
         *_sd(q, al), *_sd(k_pool, al), *_sd(v_pool, al), *_strides(pool_bias), *_sd(dout, al),
-        B, N, P, H, W, h,
+        B, N, P, H, W, h, HK, WK,
         HEAD_D=d, D=D, WIN=window, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P, IS_F32=is_f32,
-        PREC=_prec(q.dtype), ALIGN=al, SPLIT=split, **kw,
+        PREC=_prec(q.dtype), ALIGN=al, SPLIT=split, **fk, **kw,
     )
     if split > 1:
         # l2-normalisation backward of k_pool on the summed partials (small: B*P*h*d)
@@ -733,18 +799,21 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
 def aggregated_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, pool_bias: Tensor,
     query_embedding: Tensor, temperature: Tensor, rel_bias_local: Tensor,
-    learnable_tokens: Tensor, learnable_bias: Tensor, H: int, W: int, window: int,
-    save_residual: bool = False,
+    learnable_tokens: Tensor, learnable_bias: Tensor, pb_idx: Tensor, pb_w: Tensor, H: int,
+    W: int, window: int, pool_h: int, pool_w: int, save_residual: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (out, lse, out_res): out (B, N, h, d) in q's dtype, lse (B, h, N) fp32, and,
-    for 16-bit q with ``save_residual``, out's rounding residual (B, N, h, d) (else empty)."""
+    for 16-bit q with ``save_residual``, out's rounding residual (B, N, h, d) (else empty).
+    ``pb_idx``/``pb_w`` empty: pool_bias is (h, N, P); else the factored form."""
     return _fwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
-                     rel_bias_local, learnable_tokens, learnable_bias, H, W, window, save_residual)
+                     rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w, H, W,
+                     window, pool_h, pool_w, save_residual)
 
 
 @aggregated_attention_fwd.register_fake
 def _(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature, rel_bias_local,
-      learnable_tokens, learnable_bias, H, W, window, save_residual=False):
+      learnable_tokens, learnable_bias, pb_idx, pb_w, H, W, window, pool_h, pool_w,
+      save_residual=False):
     B, N, h, d = q.shape
     save = save_residual and q.dtype != torch.float32
     return (q.new_empty((B, N, h, d)), q.new_empty((B, h, N), dtype=torch.float32),
@@ -755,17 +824,19 @@ def _(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature, rel_bias
 def aggregated_attention_bwd(
     q: Tensor, k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, pool_bias: Tensor,
     query_embedding: Tensor, temperature: Tensor, rel_bias_local: Tensor,
-    learnable_tokens: Tensor, learnable_bias: Tensor, out: Tensor, out_res: Tensor, lse: Tensor,
-    dout: Tensor, H: int, W: int, window: int,
+    learnable_tokens: Tensor, learnable_bias: Tensor, pb_idx: Tensor, pb_w: Tensor, out: Tensor,
+    out_res: Tensor, lse: Tensor, dout: Tensor, H: int, W: int, window: int, pool_h: int,
+    pool_w: int,
 ) -> list[Tensor]:
     return list(_bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
-                          rel_bias_local, learnable_tokens, learnable_bias, out, out_res, lse,
-                          dout, H, W, window))
+                          rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w, out,
+                          out_res, lse, dout, H, W, window, pool_h, pool_w))
 
 
 @aggregated_attention_bwd.register_fake
 def _(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature, rel_bias_local,
-      learnable_tokens, learnable_bias, out, out_res, lse, dout, H, W, window):
+      learnable_tokens, learnable_bias, pb_idx, pb_w, out, out_res, lse, dout, H, W, window,
+      pool_h, pool_w):
     ins = (q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature, rel_bias_local,
            learnable_tokens, learnable_bias)
     return [t.new_empty(t.shape) for t in ins]
@@ -773,20 +844,21 @@ def _(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature, rel_bias
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature, rel_bias_local,
-     learnable_tokens, learnable_bias, H, W, window, *_) = inputs
+     learnable_tokens, learnable_bias, pb_idx, pb_w, H, W, window, pool_h, pool_w, *_) = inputs
     out, lse, out_res = output
     ctx.save_for_backward(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
-                          rel_bias_local, learnable_tokens, learnable_bias, out, out_res, lse)
-    ctx.geom = (H, W, window)
+                          rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w, out,
+                          out_res, lse)
+    ctx.geom = (H, W, window, pool_h, pool_w)
 
 
 def _backward(ctx, dout, dlse, dres):
     saved = ctx.saved_tensors
-    H, W, window = ctx.geom
+    H, W, window, pool_h, pool_w = ctx.geom
     if dout is None:
-        dout = torch.zeros_like(saved[11])
-    grads = aggregated_attention_bwd(*saved, dout, H, W, window)
-    return (*grads, None, None, None, None)
+        dout = torch.zeros_like(saved[13])
+    grads = aggregated_attention_bwd(*saved, dout, H, W, window, pool_h, pool_w)
+    return (*grads, None, None, None, None, None, None, None, None)
 
 
 aggregated_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -798,20 +870,23 @@ class _AggregatedAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
-                rel_bias_local, learnable_tokens, learnable_bias, H, W, window, save_residual):
+                rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w, H, W, window,
+                pool_h, pool_w, save_residual):
         out, lse, out_res = _fwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding,
                                       temperature, rel_bias_local, learnable_tokens,
-                                      learnable_bias, H, W, window, save_residual)
+                                      learnable_bias, pb_idx, pb_w, H, W, window, pool_h, pool_w,
+                                      save_residual)
         ctx.save_for_backward(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
-                              rel_bias_local, learnable_tokens, learnable_bias, out, out_res, lse)
-        ctx.geom = (H, W, window)
+                              rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w,
+                              out, out_res, lse)
+        ctx.geom = (H, W, window, pool_h, pool_w)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        H, W, window = ctx.geom
-        grads = _bwd_impl(*ctx.saved_tensors, dout, H, W, window)
-        return (*grads, None, None, None, None)
+        H, W, window, pool_h, pool_w = ctx.geom
+        grads = _bwd_impl(*ctx.saved_tensors, dout, H, W, window, pool_h, pool_w)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def aggregated_attention_triton(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
@@ -820,12 +895,22 @@ def aggregated_attention_triton(q, k, v, k_pool, v_pool, pool_bias, query_embedd
 
     Under torch.compile this is the custom op ``transnext::aggregated_attention_fwd`` (no graph
     break); in eager mode an equivalent ``torch.autograd.Function`` over the same kernels."""
+    if isinstance(pool_bias, FactoredBias):
+        pb_idx = pool_bias.idx
+        pb_w = pool_bias.w if pool_bias.w is not None else pb_idx.new_empty(0, dtype=torch.float32)
+        pool_hw = pool_bias.k_hw
+        pool_bias = pool_bias.table.contiguous()
+    else:  # dense (h, N, P): empty index and weights
+        pb_idx = q.new_empty(0, dtype=torch.int32)
+        pb_w = q.new_empty(0, dtype=torch.float32)
+        pool_hw = (0, 0)
     ins = (q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature, rel_bias_local,
            learnable_tokens, learnable_bias)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in ins)
+    geom = (H, W, window, *pool_hw)
     if torch.compiler.is_compiling():
-        out, _, _ = aggregated_attention_fwd(*ins, H, W, window, need_grad)
+        out, _, _ = aggregated_attention_fwd(*ins, pb_idx, pb_w, *geom, need_grad)
         return out
     if need_grad:
-        return _AggregatedAttentionFn.apply(*ins, H, W, window, True)
-    return _fwd_impl(*ins, H, W, window, False)[0]
+        return _AggregatedAttentionFn.apply(*ins, pb_idx, pb_w, *geom, True)
+    return _fwd_impl(*ins, pb_idx, pb_w, *geom, False)[0]

@@ -22,6 +22,8 @@ from ..models.geometry import stage_size
 
 PUBLISHED = ("transnext_micro", "transnext_tiny", "transnext_small", "transnext_base",
              "transnext_micro_aaaa")
+# The default table: the README's, femto (ours, unpublished) last.
+DEFAULT = PUBLISHED + ("transnext_femto",)
 
 
 @contextlib.contextmanager
@@ -65,7 +67,7 @@ def run(names: list[str] | None = None, input_size: int | None = None,
     import transnext  # noqa: F401  (registers the models)
     import timm
 
-    names = list(names) if names else list(PUBLISHED)
+    names = list(names) if names else list(DEFAULT)
     unknown = [n for n in names if n not in ARCHS]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from {list(ARCHS)}")

@@ -6,66 +6,34 @@ import json
 import logging
 import sys
 
+from ...cli_checks import (below_one, device_name, non_negative_float, non_negative_int,
+                           positive_float, positive_int, threads_value)
 from .recipes import RECIPES
 
 log = logging.getLogger("transnext.seg")
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
-
-
-def _non_negative_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
-    return v
-
-
-def _threads(s: str):
-    return "auto" if s == "auto" else _positive_int(s)
 
 
 def _model_flags(a) -> None:
     a("--pos-bias", default=None, choices=["interpolate", "extrapolate"],
       help="backbone position-bias mode (released UperNets: interpolate at 512; "
            "extrapolate for the extrapolation rows)")
-    a("--img-size", type=_positive_int, default=None,
+    a("--img-size", type=positive_int, default=None,
       help="interpolate mode: the size the bias is built at (default: the crop size)")
 
 
 def _infer_flags(a) -> None:
     a("--mode", default=None, choices=["whole", "slide"], help="whole image or sliding window")
-    a("--crop-size", type=_positive_int, default=None, help="sliding window size (default 512)")
-    a("--stride", type=_positive_int, default=None, help="sliding window stride (default 341)")
-    a("--scales", type=_positive_float, nargs="+", default=None,
+    a("--crop-size", type=positive_int, default=None, help="sliding window size (default 512)")
+    a("--stride", type=positive_int, default=None, help="sliding window stride (default 341)")
+    a("--scales", type=positive_float, nargs="+", default=None,
       help="multi-scale test ratios, e.g. 0.5 0.75 1.0 1.25 1.5 1.75 (softmax averaged)")
     a("--flip", action="store_true", help="also the horizontally flipped image")
-    a("--test-scale", type=_positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+    a("--test-scale", type=positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"),
       help="keep-ratio rescale before inference, e.g. 2048 512 (ADE20K)")
-    a("--fixed-pool-size", type=_positive_int, default=None, help="linear inference mode")
-    a("--device", default=None)
+    a("--fixed-pool-size", type=positive_int, default=None, help="linear inference mode")
+    a("--device", type=device_name, default=None)
     a("--amp", default="none", choices=["bf16", "fp16", "none"])
-    a("--threads", type=_positive_int, default=None, help="CPU intra-op threads")
+    a("--threads", type=positive_int, default=None, help="CPU intra-op threads")
 
 
 def add_parser(sub) -> None:
@@ -83,48 +51,48 @@ def add_parser(sub) -> None:
     a("--data-dir", default=None)
     a("--dataset", default=None, choices=["folder", "ade20k"])
     a("--output", default=None, help="folder for checkpoints and logs")
-    a("--iters", type=_positive_int, default=None)
-    a("--batch-size", type=_positive_int, default=None, help="per process")
-    a("--crop-size", type=_positive_int, default=None)
-    a("--scale", type=_positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+    a("--iters", type=positive_int, default=None)
+    a("--batch-size", type=positive_int, default=None, help="per process")
+    a("--crop-size", type=positive_int, default=None)
+    a("--scale", type=positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"),
       help="random-rescale base size (ratio 0.5-2.0 of it; default 4*crop x crop)")
-    a("--ratio-range", type=_positive_float, nargs=2, default=None, metavar=("MIN", "MAX"),
+    a("--ratio-range", type=positive_float, nargs=2, default=None, metavar=("MIN", "MAX"),
       help="random-rescale ratio range (default 0.5 2.0)")
-    a("--lr", type=_positive_float, default=None)
-    a("--weight-decay", type=float, default=None)
-    a("--warmup-iters", type=int, default=None)
-    a("--power", type=_positive_float, default=None, help="poly schedule power")
-    a("--backbone-lr-mult", type=_positive_float, default=None)
-    a("--clip-grad", type=_positive_float, default=None, help="max gradient norm")
-    a("--drop-path", type=float, default=None)
-    a("--pretrain-size", type=_positive_int, default=None)
-    a("--channels", type=_positive_int, default=None, help="UPerHead width (released: 512)")
-    a("--aux-channels", type=_positive_int, default=None, help="auxiliary head width (256)")
-    a("--time-budget", type=_non_negative_float, default=None, metavar="SECONDS",
+    a("--lr", type=positive_float, default=None)
+    a("--weight-decay", type=non_negative_float, default=None)
+    a("--warmup-iters", type=non_negative_int, default=None)
+    a("--power", type=positive_float, default=None, help="poly schedule power")
+    a("--backbone-lr-mult", type=positive_float, default=None)
+    a("--clip-grad", type=positive_float, default=None, help="max gradient norm")
+    a("--drop-path", type=below_one, default=None)
+    a("--pretrain-size", type=positive_int, default=None)
+    a("--channels", type=positive_int, default=None, help="UPerHead width (released: 512)")
+    a("--aux-channels", type=positive_int, default=None, help="auxiliary head width (256)")
+    a("--time-budget", type=non_negative_float, default=None, metavar="SECONDS",
       help="fit training + the final evaluation into this wall time: --iters becomes a "
            "maximum and the schedule follows the clock (0: off; not exactly resumable)")
     a("--pretrained", default=None, metavar="PATH",
       help="ImageNet backbone weights, or a released/own UperNet checkpoint")
     a("--resume", default=None, metavar="PATH", help="continue from a last.pth exactly")
-    a("--device", default=None)
+    a("--device", type=device_name, default=None)
     a("--amp", default=None, choices=["bf16", "fp16", "none"])
     a("--compile", action="store_true")
     a("--mode", default=None, choices=["whole", "slide"], help="evaluation inference")
-    a("--test-scale", type=_positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"))
-    a("--eval-interval", type=_positive_int, default=None)
-    a("--ckpt-interval", type=_positive_int, default=None)
-    a("--log-interval", type=_positive_int, default=None)
-    a("--eval-batch-size", type=_positive_int, default=None)
-    a("--workers", type=int, default=None)
-    a("--threads", type=_threads, default=None,
+    a("--test-scale", type=positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"))
+    a("--eval-interval", type=positive_int, default=None)
+    a("--ckpt-interval", type=positive_int, default=None)
+    a("--log-interval", type=positive_int, default=None)
+    a("--eval-batch-size", type=positive_int, default=None)
+    a("--workers", type=non_negative_int, default=None)
+    a("--threads", type=threads_value, default=None,
       help="CPU intra-op threads: N, or 'auto' (time N vs 1 early on, keep the faster)")
-    a("--seed", type=int, default=None)
+    a("--seed", type=non_negative_int, default=None)
     a("--deterministic", action="store_true")
     a("--no-verify", action="store_true", help="skip the up-front check of every file")
     a("--no-tensorboard", action="store_true")
     a("--no-progress", dest="progress", action="store_false")
     a("--json", default=None, metavar="PATH", help="write the run summary here")
-    a("--stop-after-iters", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    a("--stop-after-iters", type=positive_int, default=None, help=argparse.SUPPRESS)
     _model_flags(a)
     t.set_defaults(func=_run_train)
 
@@ -134,8 +102,8 @@ def add_parser(sub) -> None:
     a("--model", default=None, help="expected TransNeXt variant (checked)")
     a("--data-dir", required=True)
     a("--dataset", default="folder", choices=["folder", "ade20k"])
-    a("--batch-size", type=_positive_int, default=1)
-    a("--workers", type=int, default=2)
+    a("--batch-size", type=positive_int, default=1)
+    a("--workers", type=non_negative_int, default=2)
     a("--json", default=None, metavar="PATH")
     a("--no-verify", action="store_true")
     _infer_flags(a)
@@ -163,10 +131,10 @@ def add_parser(sub) -> None:
     m = ss.add_parser("make-mosaics", help="write the Fashion-MNIST mosaic segmentation set")
     a = m.add_argument
     a("--output", required=True)
-    a("--train", type=_positive_int, default=4000, help="training mosaics (train split items)")
-    a("--val", type=_positive_int, default=500, help="held-out mosaics (test split items)")
-    a("--size", type=_positive_int, default=64, help="canvas side in pixels")
-    a("--seed", type=int, default=0)
+    a("--train", type=positive_int, default=4000, help="training mosaics (train split items)")
+    a("--val", type=positive_int, default=500, help="held-out mosaics (test split items)")
+    a("--size", type=positive_int, default=64, help="canvas side in pixels")
+    a("--seed", type=non_negative_int, default=0)
     a("--fashion-mnist-dir", default=None, help="idx files (default: Debian's location)")
     m.set_defaults(func=_run_mosaics)
 

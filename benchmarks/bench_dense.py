@@ -1,0 +1,251 @@
+"""Dense-task backbones side by side: TransNeXt ``features_only`` against timm's
+convnext_tiny and swin_tiny at detection and segmentation sizes, one run.
+
+Training step = forward of the 4 feature maps, a loss on them, backward, fused AdamW
+step (bf16 autocast, channels_last on the GPU); inference = forward under
+inference_mode. TransNeXt runs in the bias modes the released dense models use:
+``interp`` (interpolate mode, img_size = the short side unless --img-size), ``extrap``
+and ``linear`` (fixed_pool_size 7). Swin gets its input padded to a multiple of 32.
+
+    python benchmarks/bench_dense.py --out benchmarks/results/dense.json
+    python benchmarks/bench_dense.py --shapes 800x1333:2 --variants interp \\
+        --compile compiled --compile-mode reduce-overhead
+    python benchmarks/bench_dense.py --shapes 800x1333:2 --profile prof.txt   # op table
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+# TRANSNEXT_SRC: another checkout's src/, to time an older version in the same session.
+sys.path.insert(0, os.environ.get("TRANSNEXT_SRC") or str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timm  # noqa: E402
+
+import transnext  # noqa: E402,F401  (registers the models)
+from bench_model import _timed  # noqa: E402
+
+VARIANTS = ("interp", "extrap", "linear")
+DEFAULT_SHAPES = ["800x1333:2", "512x512:16", "1024x2048:1"]
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        hw, batch = text.split(":")
+        h, w = hw.lower().split("x")
+        return int(h), int(w), int(batch)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not HxW:BATCH, e.g. 800x1333:2")
+
+
+def _pad32(n: int) -> int:
+    return -(-n // 32) * 32
+
+
+def make_backbone(name: str, variant: str | None, H: int, W: int, img_size: int | None):
+    """(label, model, input size) for one row."""
+    if name.startswith("transnext"):
+        kw = {}
+        if variant == "interp":
+            kw = dict(pos_bias="interpolate", img_size=img_size or min(H, W))
+        elif variant == "linear":
+            kw = dict(fixed_pool_size=7)
+        label = f"{name}[{variant}" + (f"@{kw['img_size']}]" if variant == "interp" else "]")
+        return label, timm.create_model(name, features_only=True, **kw), (H, W)
+    if name.startswith("swin"):
+        hw = (_pad32(H), _pad32(W))
+        return name, timm.create_model(name, features_only=True, img_size=hw), hw
+    return name, timm.create_model(name, features_only=True), (H, W)
+
+
+def bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device, img_size,
+              warmup, iters, repeats) -> dict:
+    torch.manual_seed(0)
+    label, model, (h, w) = make_backbone(name, variant, H, W, img_size)
+    model = model.to(device)
+    x = torch.randn(batch, 3, h, w, device=device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    fwd = torch.compile(model, mode=compile_mode) if compiled else model
+    if mode == "train":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+
+        def step():
+            with amp:
+                feats = fwd(x)
+            loss = sum(f.float().square().mean() for f in feats)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), amp:
+                fwd(x)
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    sec = _timed(step, device, iters, repeats)
+    peak = reserved = None
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        reserved = torch.cuda.max_memory_reserved() / 2**30
+    del model, fwd
+    if compiled:
+        torch._dynamo.reset()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return dict(model=label, base=name, variant=variant, H=H, W=W, batch=batch, mode=mode,
+                compiled=compiled, compile_mode=compile_mode if compiled else None,
+                ms_per_step=sec * 1000, img_per_s=batch / sec, peak_gib=peak,
+                reserved_gib=reserved)
+
+
+def profile_step(name, variant, H, W, batch, device, img_size, out: str, rows: int) -> str:
+    """Top operators of two training steps by device (or CPU) time, written to ``out``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    label, model, (h, w) = make_backbone(name, variant, H, W, img_size)
+    model = model.to(device).train()
+    x = torch.randn(batch, 3, h, w, device=device)
+    if device == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+    def step():
+        with amp:
+            loss = sum(f.float().square().mean() for f in model(x))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    text = (f"{label} {H}x{W} batch {batch}, two training steps, {device}\n"
+            + prof.key_averages().table(sort_by=key, row_limit=rows))
+    Path(out).write_text(text)
+    return text
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", nargs="+", default=["transnext_tiny"])
+    p.add_argument("--baselines", nargs="*",
+                   default=["convnext_tiny", "swin_tiny_patch4_window7_224"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--shapes", nargs="+", type=_shape, default=None, metavar="HxW:BATCH",
+                   help=f"default: {' '.join(DEFAULT_SHAPES)}")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="interpolate mode's img_size (default: each shape's short side)")
+    p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    p.add_argument("--compile", choices=["eager", "compiled", "both"], default="eager")
+    p.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="instead of timing: profile the first model/variant/shape's training "
+                        "step and write the op table here")
+    p.add_argument("--profile-rows", type=int, default=40)
+    p.add_argument("--out", default="benchmarks/results/dense.json")
+    args = p.parse_args(argv)
+
+    dev = args.device
+    if dev == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    shapes = args.shapes or [_shape(s) for s in DEFAULT_SHAPES]
+    if args.profile:
+        H, W, batch = shapes[0]
+        print(profile_step(args.models[0], args.variants[0], H, W, batch, dev, args.img_size,
+                           args.profile, args.profile_rows))
+        return []
+    compiled = {"eager": [False], "compiled": [True], "both": [False, True]}[args.compile]
+    warmup = args.warmup or (3 if dev == "cuda" else 1)
+    iters = args.iters or (10 if dev == "cuda" else 1)
+    rows = []
+    for H, W, batch in shapes:
+        for mode in args.modes:
+            for comp in compiled:
+                runs = [(m, v) for m in args.models for v in args.variants]
+                runs += [(b, None) for b in args.baselines]
+                for name, variant in runs:
+                    try:
+                        r = bench_row(name, variant, H, W, batch, mode, comp, args.compile_mode,
+                                      dev, args.img_size, warmup, iters, args.repeats)
+                    except Exception as e:  # OOM or a rejected size: a row that says so
+                        msg = ("out of memory" if isinstance(e, torch.OutOfMemoryError)
+                               else f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                        r = dict(model=name if variant is None else f"{name}[{variant}]",
+                                 base=name, variant=variant, H=H, W=W, batch=batch, mode=mode,
+                                 compiled=comp, error=msg)
+                        gc.collect()
+                        if dev == "cuda":
+                            torch.cuda.empty_cache()
+                    rows.append(r)
+                    print("  " + _row_text(r, rows), flush=True)
+    env = dict(device=torch.cuda.get_device_name() if dev == "cuda" else platform.processor()
+               or platform.machine(), torch=torch.__version__, python=platform.python_version(),
+               compile_mode=args.compile_mode)
+    print(f"\n{env}")
+    print("| backbone | size | batch | mode | compile | ms/step | peak GiB | vs convnext_tiny |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(_row_text(r, rows, markdown=True))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(dict(env=env, rows=rows), indent=2))
+    return rows
+
+
+def _row_text(r: dict, rows: list[dict], markdown: bool = False) -> str:
+    comp = ("eager" if not r["compiled"] else
+            f"compiled ({r['compile_mode']})" if r.get("compile_mode") else "compiled")
+    cells = [r["model"], f"{r['H']}x{r['W']}", str(r["batch"]), r["mode"], comp]
+    if "error" in r:
+        cells += [r["error"], "", ""]
+    else:
+        mem_key = "reserved_gib" if r.get("compile_mode") == "reduce-overhead" else "peak_gib"
+        mem = r.get(mem_key)
+        base = [b for b in rows if b["model"] == "convnext_tiny" and "error" not in b
+                and all(b[k] == r[k] for k in ("H", "W", "batch", "mode", "compiled"))]
+        ratio = ""
+        if base and r["model"] != "convnext_tiny":
+            ratio = f"{base[0]['ms_per_step'] / r['ms_per_step']:.2f}x"
+            if mem and base[0].get(mem_key):
+                ratio += f", mem {mem / base[0][mem_key]:.2f}x"
+        cells += [f"{r['ms_per_step']:.1f}", "-" if mem is None else f"{mem:.2f}", ratio]
+    if markdown:
+        return "| " + " | ".join(cells) + " |"
+    return " ".join(f"{c:<{w}}" for c, w in zip(cells, (34, 10, 3, 5, 10, 10, 6, 16)))
+
+
+if __name__ == "__main__":
+    main()
