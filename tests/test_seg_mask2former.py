@@ -24,7 +24,6 @@ def released(tmp_path_factory):
     return sd, path
 
 
-@pytest.mark.slow
 def test_released_layout_loads_strictly(released):
     sd, path = released
     assert len(sd) == 907
@@ -48,7 +47,6 @@ def test_released_layout_loads_strictly(released):
     assert len(own) == 907 + 36 + 1
 
 
-@pytest.mark.slow
 def test_refusals(released, tmp_path):
     sd, _ = released
     bad = dict(sd)
