@@ -7,7 +7,9 @@ released ADE20K checkpoints; ``inference`` and ``metrics`` evaluate as mmseg.
 Imported lazily: the CLI lists ``seg`` without importing transformers.
 """
 _LAZY = {"TransNeXtUperNet": "model", "build_upernet": "model", "upernet_config": "model",
-         "upernet_from_released": "convert", "load_model": "evaluate"}
+         "upernet_from_released": "convert", "model_from_released": "convert",
+         "build_mask2former": "mask2former", "TransNeXtMask2Former": "mask2former",
+         "load_model": "evaluate"}
 
 
 def __getattr__(name):
