@@ -177,8 +177,10 @@ def position_bias(prm: dict, q_hw, k_hw, pretrain_hw, ref=None) -> torch.Tensor:
 
 
 def aggregated_attention(module, x: torch.Tensor, H: int, W: int, pool_hw, pretrain_hw,
-                         ref=None) -> torch.Tensor:
-    """x (B, N, C) -> (B, N, C), float64, SPEC section 3 steps 1-8 with loops."""
+                         ref=None, weights: dict | None = None) -> torch.Tensor:
+    """x (B, N, C) -> (B, N, C), float64, SPEC section 3 steps 1-8 with loops.
+    ``weights``: filled with {(b, head, p): softmax over the w*w window then the P pooled
+    tokens} when given."""
     prm = params_of(module)
     x = x.detach().to("cpu", f64)
     B, N, C = x.shape
@@ -248,6 +250,8 @@ def aggregated_attention(module, x: torch.Tensor, H: int, W: int, pool_hw, pretr
                     for t in range(P):
                         logits.append(dot(q_tilde, kp_hat[t]) + float(bias[head, p, t]))
                     A = softmax(logits)
+                    if weights is not None:
+                        weights[(b, head, p)] = A
                     o = torch.zeros(d, dtype=f64)
                     for j, (dy, dx) in enumerate(offsets):
                         m = A[j] + dot(q_hat, lt[:, j]) + float(lb[j])

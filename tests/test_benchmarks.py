@@ -70,3 +70,23 @@ def test_bench_model_check_compares_triton_with_reference(tmp_path):
     (check,) = json.loads(out.read_text())["checks"]
     assert check["ok"] and check["model"] == "transnext_micro"
     assert 0 < check["grad"] < 1e-3 and check["logits"] < 1e-4  # compared, and close
+
+
+def test_bench_dense_rows_modes_and_ratio(tmp_path):
+    """Dense backbones: every bias mode of TransNeXt and the baselines (swin padded to a
+    multiple of 32) in one table, with TransNeXt's time ratio to convnext_tiny."""
+    out = tmp_path / "dense.json"
+    stdout = _run(["benchmarks/bench_dense.py", "--device", "cpu", "--models", "transnext_micro",
+                   "--baselines", "convnext_tiny", "swin_tiny_patch4_window7_224",
+                   "--shapes", "40x72:1", "--modes", "infer", "--warmup", "1", "--iters", "1",
+                   "--repeats", "1", "--out", str(out)])
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"transnext_micro[interp@40]", "transnext_micro[extrap]",
+                         "transnext_micro[linear]", "convnext_tiny",
+                         "swin_tiny_patch4_window7_224"}
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["ms_per_step"] > 0 and (r["H"], r["W"], r["batch"]) == (40, 72, 1)
+    base = rows["convnext_tiny"]["ms_per_step"]
+    line = next(x for x in stdout.splitlines() if x.startswith("| transnext_micro[extrap]"))
+    assert f"{base / rows['transnext_micro[extrap]']['ms_per_step']:.2f}x" in line

@@ -13,6 +13,7 @@ from .cli_checks import (UsageError, arch_name, below_one, device_name, existing
                          output_file, positive_float, positive_int, probability, threads_value,
                          writable_dir)
 from .engine.recipes import RECIPES
+from .tools.parsers import add_tool_parsers
 
 ROBUSTNESS_SETS = ("imagenet-a", "imagenet-r", "imagenet-sketch", "imagenet-v2", "imagenet-c")
 # timm schedulers the training loop can drive (plateau needs a metric per step; none
@@ -283,11 +284,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="transnext", description="TransNeXt classification jobs")
     p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,info,seg}")
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{train,eval,predict,info,export,erf,attention-map,seg}")
     _add_train(sub)
     _add_eval(sub)
     _add_predict(sub)
     _add_info(sub)
+    add_tool_parsers(sub)  # export, erf, attention-map (tools/parsers.py)
     from .tasks.segmentation.cli import add_parser as _add_seg
     _add_seg(sub)
     return p

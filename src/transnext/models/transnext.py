@@ -26,6 +26,7 @@ from timm.models._features import feature_take_indices
 from ..ops import aggregated_attention, full_attention
 from ..ops.aggregated_attention import resolve_backend
 from .archs import ARCHS, PRETRAIN_SIZE
+from . import symbolic_tables
 from .checkpoint import checkpoint_filter_fn, read_pretrained_file
 from .geometry import POS_BIAS_MODES, StageGeometry, factor_bias, stage_geometry, stage_size
 
@@ -149,7 +150,8 @@ class OverlapPatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, int, int]:
         w = self.proj.weight
-        if not is_fx_tracing() and (  # layouts are unknown while tracing
+        if not is_fx_tracing() and not symbolic_tables.exporting() and (  # layouts are
+                # unknown while tracing; export hook: no size test on a symbolic map
                 w.is_contiguous() and not x.is_contiguous() and w.numel() > x.numel()
                 and x.is_contiguous(memory_format=torch.channels_last)):
             # A channels_last map meeting a plain weight makes the conv convert the weight
@@ -318,18 +320,27 @@ class AggregatedAttention(_PositionBias):
 
         # The 1x1 `sr` conv is a per-token linear map: run it as one (faster on every backend).
         y = _gelu_fresh(self.act, F.linear(xsr, self.sr.weight.view(C, C), self.sr.bias))
-        pooled = F.adaptive_avg_pool2d(_tokens_to_map(y, H, W), geo.pool_hw)
+        if isinstance(geo, symbolic_tables.SymbolicGeometry):  # export hook: symbolic size
+            pooled = geo.pool(_tokens_to_map(y, H, W))
+        else:
+            pooled = F.adaptive_avg_pool2d(_tokens_to_map(y, H, W), geo.pool_hw)
         pooled = self.norm(_map_to_tokens(pooled))
         k_pool, v_pool = self.kv(pooled).reshape(B, geo.num_pool, 2, h, d).unbind(2)
 
         # (an FX trace leaves the choice to the op, a leaf there)
         backend = None if is_fx_tracing() else resolve_backend(q, self.attn_drop, self.training)
+        # Attention-map hook (tools/attention_map.py): keep the reference's softmax weights.
+        keep = getattr(self, "keep_weights", False)
         out = aggregated_attention(
             q, k, v, k_pool, v_pool, _position_bias(self, geo, x.device, _factored(backend)),
             self.query_embedding, self.temperature, self.relative_pos_bias_local,
             self.learnable_tokens, self.learnable_bias, H, W, self.window_size,
             attn_drop=self.attn_drop, training=self.training, backend=backend,
+            return_weights=keep,
         )
+        if keep:
+            out, self.weights = out
+            self.weights_geometry = geo
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
 
 
@@ -527,6 +538,12 @@ class TransNeXt(nn.Module):
 
     # ---- forward --------------------------------------------------------
     def _geometry(self, stage: int, H: int, W: int) -> StageGeometry:
+        # Export hook: dynamic height/width under torch.export (torch.compile keeps its own
+        # size guards and the cached Python tables).
+        if symbolic_tables.exporting() and symbolic_tables.is_symbolic(H, W):
+            return symbolic_tables.stage_geometry(
+                H, W, stage, self.sr_ratios[stage], self.pretrain_size,
+                self.fixed_pool_size, self.pos_bias, self.img_size)
         return stage_geometry(H, W, stage, self.sr_ratios[stage], self.pretrain_size,
                               self.fixed_pool_size, self.pos_bias, self.img_size)
 

@@ -96,7 +96,8 @@ def aggregated_attention(
     attn_drop: float = 0.0,
     training: bool = False,
     backend: str | None = None,
-) -> Tensor:
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Aggregated attention of SPEC section 3, steps 3-7.
 
     Shapes (h heads of size d, N = H*W query tokens, P pooled tokens):
@@ -111,11 +112,15 @@ def aggregated_attention(
       learnable_tokens  (h, d, w*w)
       learnable_bias    (h, 1, w*w)
     Returns (B, N, h, d) in q's dtype. Length scales and the border mask are
-    derived from (H, W, window, P) inside the op.
+    derived from (H, W, window, P) inside the op. ``return_weights``: also the softmax
+    weights (B, N, h, w*w + P), from the reference (whatever the backend).
     """
     name = resolve_backend(q, attn_drop, training, backend)
     args = (q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
             rel_bias_local, learnable_tokens, learnable_bias, H, W, window)
+    if return_weights:  # only the reference materialises the weights
+        return aggregated_attention_reference(*args, attn_drop=attn_drop, training=training,
+                                              return_weights=True)
     if name == "reference":
         return aggregated_attention_reference(*args, attn_drop=attn_drop, training=training)
     fn = _triton_op()

@@ -21,7 +21,10 @@ def full_attention(
     q = q.transpose(1, 2)
     k = k.transpose(1, 2)
     v = v.transpose(1, 2)
-    q_s = (F.normalize(q, dim=-1) + query_embedding) * (F.softplus(temperature) * math.log(N))
+    # Export hook: a symbolic N (dynamic export) takes its log in the graph.
+    log_n = (math.log(N) if isinstance(N, int)
+             else torch.full((), N, dtype=torch.float64, device=q.device).log())
+    q_s = (F.normalize(q, dim=-1) + query_embedding) * (F.softplus(temperature) * log_n)
     k_hat = F.normalize(k, dim=-1)
     if torch.compiler.is_compiling():
         # Under inductor, SDPA's memory-efficient kernel rejects the layout it picks

@@ -73,9 +73,13 @@ def aggregated_attention_reference(
     window: int = 3,
     attn_drop: float = 0.0,
     training: bool = False,
-) -> Tensor:
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Aggregated attention after the projections. See ``ops.aggregated_attention``
-    for the shapes; returns (B, N, h, d) in q's dtype.
+    for the shapes; returns (B, N, h, d) in q's dtype. With ``return_weights`` also the
+    softmax weights (B, N, h, w*w + P) in the compute dtype (fp32, or fp64): the w*w
+    window positions (row-major offsets, zero outside the map) then the P pooled tokens;
+    before attention dropout.
 
     Everything stays in the projections' own (B, N, h, d) layout, so there are
     no head transposes; the w*w neighbours are shifted views of one padded copy.
@@ -114,6 +118,7 @@ def aggregated_attention_reference(
     a_pool = a_pool.add_(pool_bias.to(f32).transpose(0, 1))  # in place: bmm keeps no output
 
     attn = torch.cat([a_local, a_pool], dim=-1).softmax(dim=-1)
+    weights = attn
     if attn_drop > 0.0 and training:
         attn = F.dropout(attn, attn_drop, training=True)
     A_local, A_pool = attn.split([ww, P], dim=-1)
@@ -127,6 +132,8 @@ def aggregated_attention_reference(
     for j, (dy, dx) in enumerate(offsets[1:], start=1):
         out = out.addcmul_(m[..., j:j + 1], _window(v_pad, H, W, r, dy, dx))
     out = out.view(B, N, h, d) + torch.einsum("bnhp,bphd->bnhd", A_pool, v_pool.to(f32))
+    if return_weights:
+        return out.to(q.dtype), weights
     return out.to(q.dtype)
 
 

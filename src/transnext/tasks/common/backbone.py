@@ -18,7 +18,7 @@ try:
 except ImportError as e:  # the older backbone API (transformers < 5.17)
     import transformers
     raise ImportError(f"transnext's dense tasks need transformers>=5.17,<6 (found "
-                      f"{transformers.__version__}): pip install 'transnext[seg]'") from e
+                      f"{transformers.__version__}): pip install 'transnext[dense]'") from e
 from transformers import AutoBackbone, AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BackboneOutput
 

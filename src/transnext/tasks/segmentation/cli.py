@@ -146,7 +146,7 @@ def _require_transformers() -> None:
         from ..common import backbone  # noqa: F401
     except ImportError as e:
         msg = str(e) if "transnext" in str(e) else (
-            f"{e}: the segmentation jobs need transformers (pip install 'transnext[seg]')")
+            f"{e}: the segmentation jobs need transformers (pip install 'transnext[dense]')")
         raise UserError(msg) from None
 
 
