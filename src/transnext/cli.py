@@ -285,12 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="transnext", description="TransNeXt classification jobs")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True,
-                           metavar="{train,eval,predict,info,export,erf,attention-map}")
+                           metavar="{train,eval,predict,info,export,erf,attention-map,seg}")
     _add_train(sub)
     _add_eval(sub)
     _add_predict(sub)
     _add_info(sub)
     add_tool_parsers(sub)  # export, erf, attention-map (tools/parsers.py)
+    from .tasks.segmentation.cli import add_parser as _add_seg
+    _add_seg(sub)
     return p
 
 

@@ -1,0 +1,129 @@
+"""UperNet training step and sliding-window inference: TransNeXt-T against
+ConvNeXt-T (timm, through transformers' TimmBackbone) under the same
+transformers UperNet head (512 channels, auxiliary head, 150 classes), one run.
+
+    python benchmarks/bench_seg.py --out benchmarks/results/seg_h100.json
+
+Training: batch 8 at 512x512, bf16 autocast, forward + backward + AdamW step.
+Inference: sliding window 512 / stride 341 on 512x683 images (2 windows each),
+batch 1 as mmseg, bf16. Median of --repeats windows of --iters steps (CUDA events).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from transformers import TimmBackboneConfig, UperNetConfig  # noqa: E402
+
+from transnext.tasks.segmentation.inference import slide  # noqa: E402
+from transnext.tasks.segmentation.model import TransNeXtUperNet, build_upernet  # noqa: E402
+
+
+def make(name: str):
+    if name.startswith("transnext"):
+        return build_upernet(name, 150, pos_bias="interpolate", img_size=512)
+    cfg = UperNetConfig(backbone_config=TimmBackboneConfig(backbone=name, out_indices=[0, 1, 2, 3]),
+                        num_labels=150, hidden_size=512, auxiliary_channels=256)
+    return TransNeXtUperNet(cfg)
+
+
+def timed(step, iters, repeats, device):
+    out = []
+    for _ in range(repeats):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(iters):
+                step()
+            b.record()
+            torch.cuda.synchronize()
+            out.append(a.elapsed_time(b) / 1000 / iters)
+        else:
+            import time
+            t = time.perf_counter()
+            for _ in range(iters):
+                step()
+            out.append((time.perf_counter() - t) / iters)
+    return statistics.median(out)
+
+
+def bench(name, args, device):
+    torch.manual_seed(0)
+    model = make(name).to(device).to(memory_format=torch.channels_last)
+    res = {"model": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    dt = torch.bfloat16
+    x = torch.randn(args.batch, 3, 512, 512, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 150, (args.batch, 512, 512), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-5, fused=device == "cuda")
+    net = torch.compile(model) if args.compile else model
+    model.train()
+
+    def train_step():
+        with torch.autocast(device, dtype=dt):
+            loss = net(x, labels=y).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        train_step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    s = timed(train_step, args.iters, args.repeats, device)
+    res["train_img_s"] = args.batch / s
+    res["train_ms_step"] = s * 1000
+    if device == "cuda":
+        res["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    del opt
+    model.eval()
+    img = torch.randn(1, 3, 512, 683, device=device)
+
+    @torch.no_grad()
+    def infer():
+        with torch.autocast(device, dtype=dt):
+            slide(net, img, 512, 341)
+
+    for _ in range(args.warmup):
+        infer()
+    s = timed(infer, args.iters, args.repeats, device)
+    res["slide_img_s"] = 1 / s
+    res["slide_ms_img"] = s * 1000
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=["transnext_tiny", "convnext_tiny"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    import transformers
+    rows = [bench(m, args, args.device) for m in args.models]
+    base = rows[-1]
+    for r in rows[:-1]:
+        r["train_ratio"] = r["train_img_s"] / base["train_img_s"]
+        r["slide_ratio"] = r["slide_img_s"] / base["slide_img_s"]
+    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "compile": args.compile, "batch": args.batch}
+    for r in rows:
+        print(json.dumps(r))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

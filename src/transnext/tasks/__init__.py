@@ -1,0 +1,1 @@
+"""Dense tasks (segmentation; detection later) on maintained libraries' heads."""

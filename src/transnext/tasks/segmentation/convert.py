@@ -1,0 +1,325 @@
+"""The released ADE20K UperNet checkpoints (mmseg 0.30) -> ``TransNeXtUperNet``.
+
+One key-mapping table for the head; the backbone part goes through the package's
+one checkpoint loader (variant check, strict keys). Strict: every model key must
+be filled and every file key must be mapped, else the missing and unexpected keys
+are named. Files are read with ``weights_only=True``; a file whose ``meta`` holds
+objects that refuses is read by ``safe_pickle`` (tensors only, no code run).
+"""
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ...models import CheckpointError, apply_checkpoint, read_checkpoint
+from ...models.checkpoint import describe, variant_name
+from ..common.safe_pickle import load_tensors_only
+from .model import TransNeXtUperNet, build_upernet
+
+# mmseg UPerHead / FCNHead module names -> transformers' UperNet names.
+_CONV_MODULES = (r"decode_head\.psp_modules\.\d+\.1|decode_head\.bottleneck|"
+                 r"decode_head\.lateral_convs\.\d+|decode_head\.fpn_convs\.\d+|"
+                 r"decode_head\.fpn_bottleneck|auxiliary_head\.convs\.\d+")
+UPERNET_HEAD_MAP = [
+    (rf"^({_CONV_MODULES})\.conv\.weight$", r"\1.conv.weight"),
+    (rf"^({_CONV_MODULES})\.bn\.(weight|bias|running_mean|running_var|num_batches_tracked)$",
+     r"\1.batch_norm.\2"),
+    (r"^(decode_head|auxiliary_head)\.conv_seg\.(weight|bias)$", r"\1.classifier.\2"),
+]
+_HEAD_MAP = [(re.compile(a), b) for a, b in UPERNET_HEAD_MAP]
+
+# What other released heads look like (for refusing them by name).
+_HEAD_SIGNS = [
+    ("UperNet", "decode_head.psp_modules."),
+    ("Mask2Former", "decode_head.pixel_decoder."),
+    ("Mask R-CNN", "roi_head."),
+    ("DINO", "dn_query_generator."),
+]
+
+
+class ConvertError(CheckpointError):
+    """A checkpoint that is not a loadable UperNet of the asked variant."""
+
+
+def read_any(path) -> dict:
+    """A checkpoint file as a dict, read with ``weights_only=True``. A torch zip file
+    that this refuses because of other objects in it (numpy scalars or mmengine
+    history in ``meta``/``message_hub``) is read by ``safe_pickle``: tensors and plain
+    containers only, nothing imported or run. Other failures keep the loader's message."""
+    path = Path(path)
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as e:
+        if not zipfile.is_zipfile(path):
+            raise
+        try:
+            obj = load_tensors_only(path)
+        except Exception:  # noqa: BLE001 - damaged too: the loader's message says why
+            raise e from None
+        if not isinstance(obj, dict):
+            raise
+        return obj
+
+
+def state_dict_of(obj: dict, path) -> dict[str, torch.Tensor]:
+    """The tensors under ``state_dict`` (or the top level) of a released file."""
+    sd = obj.get("state_dict", obj)
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path} holds no state dict")
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if not sd:
+        raise CheckpointError(f"{path} holds no tensors")
+    return sd
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    return state_dict_of(read_any(path), path)
+
+
+def head_kind(sd: dict) -> str:
+    for name, sign in _HEAD_SIGNS:
+        if any(k.startswith(sign) for k in sd):
+            return name
+    if any(k.startswith("decode_head.") for k in sd):
+        return "another segmentation head"
+    return "no segmentation head (a backbone or classification checkpoint)"
+
+
+def file_variant(sd: dict) -> str:
+    """The TransNeXt variant of a dense checkpoint's backbone, e.g. 'transnext_tiny'."""
+    bb = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return variant_name(describe(bb))
+
+
+def map_head_keys(sd: dict) -> tuple[dict, list[str]]:
+    """Head keys renamed by the table; returns (mapped, unmapped file keys)."""
+    out, unmapped = {}, []
+    for k, v in sd.items():
+        if k.startswith("backbone."):
+            continue
+        for pat, rep in _HEAD_MAP:
+            if pat.match(k):
+                out[pat.sub(rep, k)] = v
+                break
+        else:
+            unmapped.append(k)
+    return out, unmapped
+
+
+def _summary(keys, limit=6) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_upernet_state(model: TransNeXtUperNet, sd: dict, source: str) -> None:
+    """Load a released UperNet state dict strictly into ``model``."""
+    kind = head_kind(sd)
+    if kind != "UperNet":
+        raise ConvertError(f"{source} is a {kind} checkpoint, not UperNet")
+    want = model.config.backbone_config.model_name
+    have = file_variant(sd)
+    if have != want:
+        raise ConvertError(f"{source} holds a UperNet on {have}, but the model is {want}")
+    head, unmapped = map_head_keys(sd)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    missing = [k for k in own if k not in head]
+    unexpected = unmapped + [k for k in head if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {_summary(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {_summary(unexpected)}")
+        raise ConvertError(f"{source} does not fit the UperNet: " + "; ".join(parts))
+    bad = [f"{k} {tuple(head[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if head[k].shape != own[k].shape]
+    if bad:
+        raise ConvertError(f"{source} has head tensors of other shapes (another class count "
+                           f"or head width?): {_summary(bad, 4)}")
+    backbone = {k: v for k, v in sd.items() if k.startswith("backbone.")}
+    apply_checkpoint(model.backbone.model, {"state_dict": backbone}, source, strict=True)
+    missing_h, unexpected_h = model.load_state_dict(head, strict=False)
+    assert not unexpected_h and all(k.startswith("backbone.") for k in missing_h)
+
+
+def upernet_from_released(path, model_name: str | None = None, *, pos_bias: str = "interpolate",
+                          img_size=512, id2label: dict | None = None) -> TransNeXtUperNet:
+    """Build the UperNet a released file describes (variant, class count, widths) and
+    load it. ``model_name``, when given, must match the file's variant."""
+    return upernet_from_state(read_state_dict(path), f"checkpoint {path}", model_name,
+                              pos_bias=pos_bias, img_size=img_size, id2label=id2label)
+
+
+def upernet_from_state(sd: dict, source: str, model_name: str | None = None, *,
+                       pos_bias: str = "interpolate", img_size=512,
+                       id2label: dict | None = None) -> TransNeXtUperNet:
+    """:func:`upernet_from_released` on a state dict already read."""
+    kind = head_kind(sd)
+    if kind != "UperNet":
+        raise ConvertError(f"{source} is a {kind} checkpoint, not UperNet")
+    variant = file_variant(sd)
+    if model_name is not None and variant != model_name:
+        raise ConvertError(f"{source} holds a UperNet on {variant}, not {model_name}")
+    if not variant.startswith("transnext_") or " " in variant:
+        raise ConvertError(f"{source}: its backbone is {variant}")
+    try:
+        num_labels = int(sd["decode_head.conv_seg.weight"].shape[0])
+        channels = int(sd["decode_head.bottleneck.conv.weight"].shape[0])
+        aux = "auxiliary_head.conv_seg.weight" in sd
+        aux_channels = int(sd["auxiliary_head.convs.0.conv.weight"].shape[0]) if aux else 256
+    except KeyError as e:
+        raise ConvertError(f"{source} does not fit the UperNet: missing key {e}") from None
+    model = build_upernet(variant, num_labels, pos_bias=pos_bias, img_size=img_size,
+                          channels=channels, aux_channels=aux_channels, aux=aux,
+                          id2label=id2label)
+    load_upernet_state(model, sd, source)
+    return model.eval()
+
+
+# ---- Mask2Former (mmseg 1.0 / mmdet 3.0 names -> transformers' names) ----------------
+_PD, _TD = "decode_head.pixel_decoder", "decode_head.transformer_decoder"
+_HF_PD, _HF_TM = "model.pixel_level_module.decoder", "model.transformer_module"
+MASK2FORMER_HEAD_MAP = [
+    (rf"^{_PD}\.input_convs\.(\d+)\.conv\.(weight|bias)$", rf"{_HF_PD}.input_projections.\1.0.\2"),
+    (rf"^{_PD}\.input_convs\.(\d+)\.gn\.(weight|bias)$", rf"{_HF_PD}.input_projections.\1.1.\2"),
+    (rf"^{_PD}\.encoder\.layers\.(\d+)\.self_attn\.(sampling_offsets|attention_weights|"
+     rf"value_proj|output_proj)\.(weight|bias)$", rf"{_HF_PD}.encoder.layers.\1.self_attn.\2.\3"),
+    (rf"^{_PD}\.encoder\.layers\.(\d+)\.norms\.0\.(weight|bias)$",
+     rf"{_HF_PD}.encoder.layers.\1.self_attn_layer_norm.\2"),
+    (rf"^{_PD}\.encoder\.layers\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)$",
+     rf"{_HF_PD}.encoder.layers.\1.fc1.\2"),
+    (rf"^{_PD}\.encoder\.layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)$",
+     rf"{_HF_PD}.encoder.layers.\1.fc2.\2"),
+    (rf"^{_PD}\.encoder\.layers\.(\d+)\.norms\.1\.(weight|bias)$",
+     rf"{_HF_PD}.encoder.layers.\1.final_layer_norm.\2"),
+    (rf"^{_PD}\.level_encoding\.weight$", rf"{_HF_PD}.level_embed"),
+    (rf"^{_PD}\.lateral_convs\.0\.conv\.weight$", rf"{_HF_PD}.adapter_1.0.weight"),
+    (rf"^{_PD}\.lateral_convs\.0\.gn\.(weight|bias)$", rf"{_HF_PD}.adapter_1.1.\1"),
+    (rf"^{_PD}\.output_convs\.0\.conv\.weight$", rf"{_HF_PD}.layer_1.0.weight"),
+    (rf"^{_PD}\.output_convs\.0\.gn\.(weight|bias)$", rf"{_HF_PD}.layer_1.1.\1"),
+    (rf"^{_PD}\.mask_feature\.(weight|bias)$", rf"{_HF_PD}.mask_projection.\1"),
+    (r"^decode_head\.query_embed\.weight$", rf"{_HF_TM}.queries_embedder.weight"),
+    (r"^decode_head\.query_feat\.weight$", rf"{_HF_TM}.queries_features.weight"),
+    (r"^decode_head\.level_embed\.weight$", rf"{_HF_TM}.level_embed.weight"),
+    (rf"^{_TD}\.layers\.(\d+)\.cross_attn\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|"
+     rf"out_proj\.bias)$", rf"{_HF_TM}.decoder.layers.\1.cross_attn.\2"),
+    # mmcv's self-attention keeps q, k, v in one in_proj; transformers' has three Linears
+    (rf"^{_TD}\.layers\.(\d+)\.self_attn\.attn\.in_proj_(weight|bias)$",
+     rf"{_HF_TM}.decoder.layers.\1.self_attn.{{q,k,v}}_proj.\2"),
+    (rf"^{_TD}\.layers\.(\d+)\.self_attn\.attn\.out_proj\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.layers.\1.self_attn.out_proj.\2"),
+    # mmdet's layer order is cross-attention, self-attention, FFN: norms 0, 1, 2
+    (rf"^{_TD}\.layers\.(\d+)\.norms\.0\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.layers.\1.cross_attn_layer_norm.\2"),
+    (rf"^{_TD}\.layers\.(\d+)\.norms\.1\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.layers.\1.self_attn_layer_norm.\2"),
+    (rf"^{_TD}\.layers\.(\d+)\.norms\.2\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.layers.\1.final_layer_norm.\2"),
+    (rf"^{_TD}\.layers\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.layers.\1.fc1.\2"),
+    (rf"^{_TD}\.layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.layers.\1.fc2.\2"),
+    (rf"^{_TD}\.post_norm\.(weight|bias)$", rf"{_HF_TM}.decoder.layernorm.\1"),
+    (r"^decode_head\.mask_embed\.0\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.mask_predictor.mask_embedder.0.0.\1"),
+    (r"^decode_head\.mask_embed\.2\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.mask_predictor.mask_embedder.1.0.\1"),
+    (r"^decode_head\.mask_embed\.4\.(weight|bias)$",
+     rf"{_HF_TM}.decoder.mask_predictor.mask_embedder.2.0.\1"),
+    (r"^decode_head\.cls_embed\.(weight|bias)$", r"class_predictor.\1"),
+]
+_M2F_MAP = [(re.compile(a), b) for a, b in MASK2FORMER_HEAD_MAP]
+_M2F_BACKBONE = "model.pixel_level_module.encoder.model."
+# buffers the model derives from its config, not stored in the released files
+_M2F_DERIVED = ("criterion.empty_weight",)
+
+
+def map_mask2former_keys(sd: dict) -> tuple[dict, list[str]]:
+    out, unmapped = {}, []
+    for k, v in sd.items():
+        if k.startswith("backbone."):
+            continue
+        for pat, rep in _M2F_MAP:
+            if pat.match(k):
+                target = pat.sub(rep, k)
+                if "{q,k,v}" in target:
+                    for name, part in zip("qkv", v.chunk(3, dim=0)):
+                        out[target.replace("{q,k,v}", name)] = part.clone()
+                else:
+                    out[target] = v
+                break
+        else:
+            unmapped.append(k)
+    return out, unmapped
+
+
+def load_mask2former_state(model, sd: dict, source: str) -> None:
+    """Load a released Mask2Former state dict strictly into ``model``."""
+    kind = head_kind(sd)
+    if kind != "Mask2Former":
+        raise ConvertError(f"{source} is a {kind} checkpoint, not Mask2Former")
+    want = model.config.backbone_config.model_name
+    have = file_variant(sd)
+    if have != want:
+        raise ConvertError(f"{source} holds a Mask2Former on {have}, but the model is {want}")
+    head, unmapped = map_mask2former_keys(sd)
+    own = {k: v for k, v in model.state_dict().items()
+           if not k.startswith(_M2F_BACKBONE) and k not in _M2F_DERIVED}
+    missing = [k for k in own if k not in head]
+    unexpected = unmapped + [k for k in head if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {_summary(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {_summary(unexpected)}")
+        raise ConvertError(f"{source} does not fit the Mask2Former: " + "; ".join(parts))
+    bad = [f"{k} {tuple(head[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if head[k].shape != own[k].shape]
+    if bad:
+        raise ConvertError(f"{source} has head tensors of other shapes (another class count "
+                           f"or width?): {_summary(bad, 4)}")
+    backbone = {k: v for k, v in sd.items() if k.startswith("backbone.")}
+    apply_checkpoint(model.model.pixel_level_module.encoder.model, {"state_dict": backbone},
+                     source, strict=True)
+    missing_h, unexpected_h = model.load_state_dict(head, strict=False)
+    assert not unexpected_h
+
+
+def mask2former_from_state(sd: dict, source: str, model_name: str | None = None, *,
+                           pos_bias: str = "interpolate", img_size=512,
+                           id2label: dict | None = None):
+    from .mask2former import build_mask2former
+    kind = head_kind(sd)
+    if kind != "Mask2Former":
+        raise ConvertError(f"{source} is a {kind} checkpoint, not Mask2Former")
+    variant = file_variant(sd)
+    if model_name is not None and variant != model_name:
+        raise ConvertError(f"{source} holds a Mask2Former on {variant}, not {model_name}")
+    if not variant.startswith("transnext_") or " " in variant:
+        raise ConvertError(f"{source}: its backbone is {variant}")
+    try:
+        num_labels = int(sd["decode_head.cls_embed.weight"].shape[0]) - 1
+    except KeyError as e:
+        raise ConvertError(f"{source} does not fit the Mask2Former: missing key {e}") from None
+    model = build_mask2former(variant, num_labels, pos_bias=pos_bias, img_size=img_size,
+                              id2label=id2label)
+    load_mask2former_state(model, sd, source)
+    return model.eval()
+
+
+def model_from_state(sd: dict, source: str, model_name: str | None = None, **kw):
+    """The released segmenter a state dict describes: UperNet or Mask2Former."""
+    kind = head_kind(sd)
+    if kind == "Mask2Former":
+        return mask2former_from_state(sd, source, model_name, **kw)
+    return upernet_from_state(sd, source, model_name, **kw)
+
+
+def model_from_released(path, model_name: str | None = None, **kw):
+    return model_from_state(read_state_dict(path), f"checkpoint {path}", model_name, **kw)
