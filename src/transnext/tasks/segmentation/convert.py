@@ -116,6 +116,24 @@ def _summary(keys, limit=6) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _check_head_keys(source, head_name: str, head: dict, unmapped: list, own: dict) -> None:
+    """Strict: every model head key in the file and nothing else, each of the model's shape."""
+    missing = [k for k in own if k not in head]
+    unexpected = unmapped + [k for k in head if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {_summary(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {_summary(unexpected)}")
+        raise ConvertError(f"{source} does not fit the {head_name}: " + "; ".join(parts))
+    bad = [f"{k} {tuple(head[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if head[k].shape != own[k].shape]
+    if bad:
+        raise ConvertError(f"{source} has head tensors of other shapes (another class count "
+                           f"or head width?): {_summary(bad, 4)}")
+
+
 def load_upernet_state(model: TransNeXtUperNet, sd: dict, source: str) -> None:
     """Load a released UperNet state dict strictly into ``model``."""
     kind = head_kind(sd)
@@ -127,20 +145,7 @@ def load_upernet_state(model: TransNeXtUperNet, sd: dict, source: str) -> None:
         raise ConvertError(f"{source} holds a UperNet on {have}, but the model is {want}")
     head, unmapped = map_head_keys(sd)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
-    missing = [k for k in own if k not in head]
-    unexpected = unmapped + [k for k in head if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {_summary(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {_summary(unexpected)}")
-        raise ConvertError(f"{source} does not fit the UperNet: " + "; ".join(parts))
-    bad = [f"{k} {tuple(head[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in own if head[k].shape != own[k].shape]
-    if bad:
-        raise ConvertError(f"{source} has head tensors of other shapes (another class count "
-                           f"or head width?): {_summary(bad, 4)}")
+    _check_head_keys(source, "UperNet", head, unmapped, own)
     backbone = {k: v for k, v in sd.items() if k.startswith("backbone.")}
     apply_checkpoint(model.backbone.model, {"state_dict": backbone}, source, strict=True)
     missing_h, unexpected_h = model.load_state_dict(head, strict=False)
@@ -270,20 +275,7 @@ def load_mask2former_state(model, sd: dict, source: str) -> None:
     head, unmapped = map_mask2former_keys(sd)
     own = {k: v for k, v in model.state_dict().items()
            if not k.startswith(_M2F_BACKBONE) and k not in _M2F_DERIVED}
-    missing = [k for k in own if k not in head]
-    unexpected = unmapped + [k for k in head if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {_summary(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {_summary(unexpected)}")
-        raise ConvertError(f"{source} does not fit the Mask2Former: " + "; ".join(parts))
-    bad = [f"{k} {tuple(head[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in own if head[k].shape != own[k].shape]
-    if bad:
-        raise ConvertError(f"{source} has head tensors of other shapes (another class count "
-                           f"or width?): {_summary(bad, 4)}")
+    _check_head_keys(source, "Mask2Former", head, unmapped, own)
     backbone = {k: v for k, v in sd.items() if k.startswith("backbone.")}
     apply_checkpoint(model.model.pixel_level_module.encoder.model, {"state_dict": backbone},
                      source, strict=True)
