@@ -179,6 +179,18 @@ class StageGeometry:
                          self.pretrain_hw, device)
 
 
+def reference_grids(stage: int, sr_ratio: int, fixed_pool_size: int | None, img_size):
+    """Interpolate mode: the query and key grids of stage ``stage`` at ``img_size`` (an int
+    or (height, width)), where the bias is built before it is resized."""
+    if img_size is None:
+        raise ValueError("pos_bias='interpolate' needs img_size")
+    if isinstance(img_size, int):
+        img_size = (img_size, img_size)
+    ref_q = (stage_size(img_size[0], stage), stage_size(img_size[1], stage))
+    ref_k = ref_q if sr_ratio == 1 else pool_size(*ref_q, sr_ratio, fixed_pool_size)
+    return ref_q, ref_k
+
+
 def stage_geometry(
     H: int,
     W: int,
@@ -200,12 +212,7 @@ def stage_geometry(
     else:
         pool = pool_size(H, W, sr_ratio, fixed_pool_size)
     if pos_bias == "interpolate":
-        if img_size is None:
-            raise ValueError("pos_bias='interpolate' needs img_size")
-        if isinstance(img_size, int):
-            img_size = (img_size, img_size)
-        ref_q = (stage_size(img_size[0], stage), stage_size(img_size[1], stage))
-        ref_k = ref_q if sr_ratio == 1 else pool_size(*ref_q, sr_ratio, fixed_pool_size)
+        ref_q, ref_k = reference_grids(stage, sr_ratio, fixed_pool_size, img_size)
         interp = (ref_q, ref_k) != ((H, W), pool)
     else:
         ref_q, ref_k, interp = (H, W), pool, False

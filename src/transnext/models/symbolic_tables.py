@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .geometry import BiasPlan, StageGeometry, _log_spaced, pool_size, stage_size
+from .geometry import BiasPlan, StageGeometry, _log_spaced, reference_grids
 from .geometry import _axis_table as _eager_axis_table
 
 
@@ -149,11 +149,6 @@ def stage_geometry(H, W, stage: int, sr_ratio: int, pretrain_size: int,
         # No max(., 1): export sizes start where every grid has 2+ cells (min_export_size).
         pool = (H // sr_ratio, W // sr_ratio)
     if pos_bias == "interpolate":
-        if img_size is None:
-            raise ValueError("pos_bias='interpolate' needs img_size")
-        if isinstance(img_size, int):
-            img_size = (img_size, img_size)
-        ref_q = (stage_size(img_size[0], stage), stage_size(img_size[1], stage))
-        ref_k = ref_q if sr_ratio == 1 else pool_size(*ref_q, sr_ratio, fixed_pool_size)
+        ref_q, ref_k = reference_grids(stage, sr_ratio, fixed_pool_size, img_size)
         return SymbolicGeometry(H, W, pool, ref_q, ref_k, (pretrain, pretrain), True)
     return SymbolicGeometry(H, W, pool, (H, W), pool, (pretrain, pretrain), False)

@@ -160,18 +160,25 @@ def upernet_from_released(path, model_name: str | None = None, *, pos_bias: str 
                               pos_bias=pos_bias, img_size=img_size, id2label=id2label)
 
 
+def _released_variant(sd: dict, source, head: str, model_name: str | None) -> str:
+    """The TransNeXt variant of a released ``head`` file, refused (naming both) when the
+    file holds another head, another variant than ``model_name``, or no TransNeXt."""
+    kind = head_kind(sd)
+    if kind != head:
+        raise ConvertError(f"{source} is a {kind} checkpoint, not {head}")
+    variant = file_variant(sd)
+    if model_name is not None and variant != model_name:
+        raise ConvertError(f"{source} holds a {head} on {variant}, not {model_name}")
+    if not variant.startswith("transnext_") or " " in variant:
+        raise ConvertError(f"{source}: its backbone is {variant}")
+    return variant
+
+
 def upernet_from_state(sd: dict, source: str, model_name: str | None = None, *,
                        pos_bias: str = "interpolate", img_size=512,
                        id2label: dict | None = None) -> TransNeXtUperNet:
     """:func:`upernet_from_released` on a state dict already read."""
-    kind = head_kind(sd)
-    if kind != "UperNet":
-        raise ConvertError(f"{source} is a {kind} checkpoint, not UperNet")
-    variant = file_variant(sd)
-    if model_name is not None and variant != model_name:
-        raise ConvertError(f"{source} holds a UperNet on {variant}, not {model_name}")
-    if not variant.startswith("transnext_") or " " in variant:
-        raise ConvertError(f"{source}: its backbone is {variant}")
+    variant = _released_variant(sd, source, "UperNet", model_name)
     try:
         num_labels = int(sd["decode_head.conv_seg.weight"].shape[0])
         channels = int(sd["decode_head.bottleneck.conv.weight"].shape[0])
@@ -287,14 +294,7 @@ def mask2former_from_state(sd: dict, source: str, model_name: str | None = None,
                            pos_bias: str = "interpolate", img_size=512,
                            id2label: dict | None = None):
     from .mask2former import build_mask2former
-    kind = head_kind(sd)
-    if kind != "Mask2Former":
-        raise ConvertError(f"{source} is a {kind} checkpoint, not Mask2Former")
-    variant = file_variant(sd)
-    if model_name is not None and variant != model_name:
-        raise ConvertError(f"{source} holds a Mask2Former on {variant}, not {model_name}")
-    if not variant.startswith("transnext_") or " " in variant:
-        raise ConvertError(f"{source}: its backbone is {variant}")
+    variant = _released_variant(sd, source, "Mask2Former", model_name)
     try:
         num_labels = int(sd["decode_head.cls_embed.weight"].shape[0]) - 1
     except KeyError as e:
