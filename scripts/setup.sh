@@ -20,7 +20,7 @@ fi
 if ! .venv/bin/python - "$ROOT" >/dev/null 2>&1 <<'PYEOF'
 import sys, importlib.util as u
 import transnext, timm, torch, torchvision, tqdm, safetensors, pytest  # noqa: F401
-import onnxscript, matplotlib, build, transformers, scipy  # noqa: F401  (test extras added later)
+import onnxscript, matplotlib, build, transformers, scipy, pycocotools  # noqa: F401  (test extras added later)
 assert transnext.__file__.startswith(sys.argv[1] + "/src/"), transnext.__file__
 PYEOF
 then
