@@ -74,8 +74,9 @@ def test_linear_mode_eval(trained, tiny_folder, model_name, tmp_path):
 
 def test_resume_matches_uninterrupted(tiny_folder, tmp_path, model_name):
     """Stop after epoch 1 of 3 and resume: the final weights equal a straight 3-epoch run
-    (random crops, flips and mixup included, so every RNG has to be restored)."""
-    extra = ["--epochs", "3", "--mixup", "0.2", "--drop-path", "0.1"]
+    (random crops, flips and mixup included, so every RNG has to be restored; one
+    persistent loader worker, whose RNG must not carry over from epoch to epoch)."""
+    extra = ["--epochs", "3", "--mixup", "0.2", "--drop-path", "0.1", "--workers", "1"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(train_args(tiny_folder, a, model_name, *extra)) == 0
     assert main(train_args(tiny_folder, b, model_name, *extra, "--stop-after-epochs", "1")) == 0

@@ -3,10 +3,12 @@ trees through torch's DataLoader with distributed samplers."""
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
 from ..data import (DataError, ImageFolder, TensorBatches, eval_transform,
                     fashion_mnist_classes, load_fashion_mnist, train_transform)
@@ -26,6 +28,53 @@ class ShardSampler(Sampler):
 
     def __len__(self):
         return len(self.indices)
+
+
+class SeededSampler(Sampler):
+    """Yields (epoch, index) pairs for :class:`SeededDataset`."""
+
+    def __init__(self, sampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+class SeededDataset(Dataset):
+    """A sample's augmentation draws from RNGs seeded by (seed, epoch, index) alone, so
+    the images are the same for any worker count, with persistent workers (whose RNGs
+    would otherwise run on across epochs) and after a resume mid-run."""
+
+    def __init__(self, ds, seed: int):
+        self.ds, self.seed = ds, seed
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        s = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+        main = get_worker_info() is None  # workers=0: keep the trainer's RNG streams intact
+        if main:
+            saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.default_generator.manual_seed(s)
+        try:
+            return self.ds[i]
+        finally:
+            if main:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
 
 
 class EpochLoader:
@@ -164,10 +213,15 @@ def build_train_data(args, dist, dcfg):
         if sampler is None:
             sampler = DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank,
                                          shuffle=True, seed=args.seed, drop_last=False)
-        dl = DataLoader(ds, batch_size=args.batch_size, sampler=sampler,
-                        num_workers=args.workers, drop_last=len(sampler) > args.batch_size,
+        sampler = SeededSampler(sampler)
+        dl = DataLoader(SeededDataset(ds, args.seed), batch_size=args.batch_size,
+                        sampler=sampler, num_workers=args.workers,
+                        drop_last=len(sampler) > args.batch_size,
                         pin_memory=dist.device.type == "cuda",
-                        persistent_workers=args.workers > 0)
+                        persistent_workers=args.workers > 0,
+                        # worker seeds from its own generator: starting the workers (once,
+                        # they persist) must not draw from the trainer's RNG
+                        generator=torch.Generator().manual_seed(args.seed))
         train = EpochLoader(dl, sampler)
         val = None
         val_root = root / "val"

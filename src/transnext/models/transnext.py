@@ -322,6 +322,9 @@ class AggregatedAttention(_PositionBias):
         y = _gelu_fresh(self.act, F.linear(xsr, self.sr.weight.view(C, C), self.sr.bias))
         if isinstance(geo, symbolic_tables.SymbolicGeometry):  # export hook: symbolic size
             pooled = geo.pool(_tokens_to_map(y, H, W))
+        elif y.is_cuda and torch.are_deterministic_algorithms_enabled():
+            # adaptive_avg_pool2d's CUDA backward uses atomics; the bin matrices do not.
+            pooled = symbolic_tables.adaptive_avg_pool(_tokens_to_map(y, H, W), geo.pool_hw)
         else:
             pooled = F.adaptive_avg_pool2d(_tokens_to_map(y, H, W), geo.pool_hw)
         pooled = self.norm(_map_to_tokens(pooled))

@@ -8,8 +8,9 @@ to :func:`aggregated_attention`. Backends:
   ``TRITON_INTERPRET=1`` on the CPU, for tests).
 
 ``TRANSNEXT_ATTN_BACKEND=reference|triton|auto`` (default ``auto``: Triton on
-CUDA when it is importable, the reference elsewhere) picks one for the whole
-process; ``backend=`` picks one per call.
+CUDA when it is importable, the reference elsewhere and under
+``torch.use_deterministic_algorithms(True)``) picks one for the whole process;
+``backend=`` picks one per call.
 
 The Triton path has no attention dropout: with ``attn_drop > 0`` and
 ``training`` every backend falls back to the reference (as do fp64 inputs:
@@ -74,6 +75,10 @@ def resolve_backend(q: Tensor, attn_drop: float = 0.0, training: bool = False,
         # The fused kernels have no attention dropout and compute in fp32 (fp64 stays exact).
         return "reference"
     if name == "auto":
+        if torch.are_deterministic_algorithms_enabled():
+            # The kernels reduce parameter grads with fp32 atomics (order varies run to run);
+            # deterministic mode (train --deterministic) wants bitwise-repeatable runs.
+            return "reference"
         return "triton" if q.is_cuda and _triton_op() is not None else "reference"
     return name
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ...engine import checkpointing as ckpt
-from ...engine.distributed import all_gather_object, barrier, cleanup, init_distributed
+from ...engine.distributed import (all_gather_object, all_reduce_sum, barrier, cleanup,
+                                   init_distributed)
 from ...engine.errors import UserError
 from ...engine.evaluate import autocast
 from ...engine.metrics import MetricLog
@@ -342,7 +343,10 @@ def _train(args, dist) -> dict:
                 bar.update(1)
             row = None
             if it % args.log_interval == 0 or it == args.iters:
-                row = {"epoch": it, "iter": it, "train_loss": loss_sum / loss_n,
+                sums = torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64,
+                                    device=device)
+                all_reduce_sum(sums)  # the mean over every rank's batches, not rank 0's alone
+                row = {"epoch": it, "iter": it, "train_loss": (sums[0] / sums[1]).item(),
                        "lr": optimizer.param_groups[0]["lr"], "time": time.time() - t0}
                 loss_sum, loss_n = 0.0, 0
             if it % ckpt_every == 0 or it == args.iters:
