@@ -229,6 +229,7 @@ def test_bad_json_files_name_the_file(tmp_path):
     (ann(7, 1, [1, 1, 5]), r"annotation 7 has bbox \[1, 1, 5\]"),
     (ann(7, 1, ["x", 1, 5, 5]), r"annotation 7 has bbox"),
     (ann(5, 1, [1, 1, 5, 5]), r"annotation id 5 is listed twice"),
+    (ann(7, [1], [1, 1, 5, 5]), r"annotation 7 has image_id \[1\], not an integer id"),
     ({"id": 7, "image_id": 1, "bbox": [1, 1, 5, 5]}, r"annotation 7 has no 'category_id'"),
 ])
 def test_bad_annotations_raise_with_json_and_id(tmp_path, bad, match):

@@ -333,6 +333,10 @@ class CocoDetection(torch.utils.data.Dataset):
             for key in ("image_id", "category_id", "bbox"):
                 if key not in a:
                     raise DataError(f"{name}: annotation {aid} has no '{key}'")
+            for key in ("image_id", "category_id"):
+                if not isinstance(a[key], int) or isinstance(a[key], bool):
+                    raise DataError(f"{name}: annotation {aid} has {key} {a[key]!r:.40}, not an "
+                                    f"integer id")
             if a["category_id"] not in cats:
                 raise DataError(f"{name}: annotation {aid} has category_id "
                                 f"{a['category_id']!r}, which is not among the "
