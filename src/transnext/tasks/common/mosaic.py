@@ -6,7 +6,11 @@ Each mosaic is a canvas with a few clothing items at random scales and places
 (intensity above ``threshold``) is labelled with the item's class + 1, the
 background 0. Training mosaics draw items from the train split, held-out ones
 from the test split; everything follows from the seed. Each mosaic also keeps
-its items' classes and boxes, for the detection task to build on.
+its items' classes and boxes, the map of which item owns each pixel
+(``instances``) and each item's own pixel count, for the detection task to
+build on. ``max_overlap`` (off by default, which keeps the segmentation set as
+it was) redraws an item's place, up to ``tries`` times, while it would hide more
+than that fraction of an earlier item's pixels (the last draw stays when none fits).
 """
 from __future__ import annotations
 
@@ -29,15 +33,31 @@ class Mosaic:
     image: np.ndarray  # (S, S, 3) uint8
     mask: np.ndarray  # (S, S) uint8, 0 = background, 1..10 = class + 1
     items: list = field(default_factory=list)  # (class 0..9, (x0, y0, x1, y1)) per item
+    # (S, S) uint8: k where item k (1-based, in ``items`` order) is on top, 0 = background
+    instances: np.ndarray | None = None
+    item_pixels: list = field(default_factory=list)  # each item's own pixel count
+
+
+def _hides_too_much(instances: np.ndarray, own: list[int], on: np.ndarray, y0: int, x0: int,
+                    side: int, max_overlap: float) -> bool:
+    """Would an item at (y0, x0) hide more than ``max_overlap`` of an earlier item?"""
+    covered = np.bincount(instances[y0:y0 + side, x0:x0 + side][on], minlength=len(own) + 1)
+    visible = np.bincount(instances.reshape(-1), minlength=len(own) + 1)
+    for k in np.nonzero(covered[1:])[0] + 1:
+        if (own[k - 1] - visible[k] + covered[k]) > max_overlap * own[k - 1]:
+            return True
+    return False
 
 
 def make_mosaic(rng: np.random.Generator, images: torch.Tensor, labels: torch.Tensor,
                 size: int = 64, items: tuple[int, int] = (2, 4),
-                scale: tuple[float, float] = (1.0, 1.75), threshold: int = 25) -> Mosaic:
+                scale: tuple[float, float] = (1.0, 1.75), threshold: int = 25,
+                max_overlap: float | None = None, tries: int = 20) -> Mosaic:
     bg = rng.uniform(0, 40)
     img = np.clip(bg + rng.normal(0, 6, (size, size, 3)), 0, 255)
     mask = np.zeros((size, size), np.uint8)
-    placed = []
+    instances = np.zeros((size, size), np.uint8)
+    placed, own = [], []
     for _ in range(int(rng.integers(items[0], items[1] + 1))):
         idx = int(rng.integers(len(images)))
         side = min(size, int(round(28 * rng.uniform(*scale))))
@@ -47,15 +67,22 @@ def make_mosaic(rng: np.random.Generator, images: torch.Tensor, labels: torch.Te
         item = item[0, 0].numpy()
         y0, x0 = (int(v) for v in rng.integers(0, size - side + 1, 2))
         on = item > threshold
+        if max_overlap is not None and placed:
+            for _ in range(tries):
+                if not _hides_too_much(instances, own, on, y0, x0, side, max_overlap):
+                    break
+                y0, x0 = (int(v) for v in rng.integers(0, size - side + 1, 2))
         tint = rng.uniform(0.6, 1.0, 3)
         region = img[y0:y0 + side, x0:x0 + side]
         region[on] = item[on, None] * tint
         mask[y0:y0 + side, x0:x0 + side][on] = int(labels[idx]) + 1
         ys, xs = np.nonzero(on)
         if len(ys):
+            instances[y0:y0 + side, x0:x0 + side][on] = len(placed) + 1
+            own.append(int(on.sum()))
             placed.append((int(labels[idx]), (x0 + int(xs.min()), y0 + int(ys.min()),
                                               x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)))
-    return Mosaic(img.round().astype(np.uint8), mask, placed)
+    return Mosaic(img.round().astype(np.uint8), mask, placed, instances, own)
 
 
 def write_mosaic_set(out: str | Path, n_train: int = 4000, n_val: int = 500, size: int = 64,
