@@ -120,7 +120,7 @@ def test_small_and_base_layouts(variant):
         load_released_maskrcnn(sd, "transnext_tiny")
 
 
-def test_refusals_name_what_is_wrong(tiny_sd, tiny_model):
+def test_refusals_name_what_is_wrong(tmp_path, tiny_sd, tiny_model):
     sd = dict(tiny_sd)
     del sd["roi_head.mask_head.conv_logits.bias"]
     with pytest.raises(ConvertError, match=r"missing 1 key.*roi_head\.mask_head\.conv_logits\.bias"):
@@ -145,8 +145,9 @@ def test_refusals_name_what_is_wrong(tiny_sd, tiny_model):
     with pytest.raises(ConvertError, match="transnext_small, not transnext_tiny"):
         load_released_maskrcnn(small, tiny_model)
     dino = zeros_state(read_layout("dino_transnext_tiny.keys.txt"))
+    torch.save({"state_dict": dino, "meta": {}}, tmp_path / "dino_4scale_transnext_tiny_12e_in1k.pth")
     with pytest.raises(ConvertError, match="DINO checkpoint, not Mask R-CNN"):
-        load_released_maskrcnn(dino)
+        load_released_maskrcnn(tmp_path / "dino_4scale_transnext_tiny_12e_in1k.pth")
     upernet = zeros_state(read_layout("upernet_transnext_tiny.keys.txt"))
     with pytest.raises(ConvertError, match="UperNet checkpoint, not Mask R-CNN"):
         load_released_maskrcnn({"state_dict": upernet})
@@ -179,9 +180,12 @@ def test_files_read_safely(tmp_path, tiny_sd):
         load_released_maskrcnn(tmp_path / "text.pth")
     # a released file whose meta holds objects weights_only refuses: tensors read, no code run
     path = tmp_path / "mask_rcnn_transnext_tiny_fpn_1x_coco_in1k.pth"
-    torch.save({"state_dict": tiny_sd, "meta": {"hook": _Touch(marker), "epoch": 12}}, path)
+    names = tuple(f"class{i}" for i in range(80))
+    torch.save({"state_dict": tiny_sd, "meta": {"hook": _Touch(marker), "epoch": 12,
+                                                "CLASSES": names}}, path)
     net = load_released_maskrcnn(path)
     assert not marker.exists()
+    assert net.class_names == list(names)
     own = net.state_dict()
     w = tiny_sd["roi_head.bbox_head.fc_cls.weight"]
     assert torch.equal(own["roi_heads.box_predictor.cls_score.weight"], torch.cat([w[80:], w[:80]]))

@@ -369,7 +369,9 @@ def test_train_step_and_eval_outputs(micro):
                     labels=torch.tensor([1, 3]), masks=m1),
                dict(boxes=torch.tensor([[10.0, 5.0, 30.0, 45.0]]), labels=torch.tensor([2]), masks=m2)]
     micro.train()
-    losses = micro(images, targets)
+    empty = dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64),
+                 masks=torch.zeros(0, 40, 60, dtype=torch.uint8))
+    losses = micro(images + [torch.rand(3, 40, 60, generator=g)], targets + [empty])
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
                            "loss_rpn_box_reg"}
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ...models.checkpoint import describe, unwrap_state_dict, variant_name
-from ..segmentation.convert import ConvertError, file_variant, head_kind, read_state_dict
+from ..segmentation.convert import ConvertError, file_variant, head_kind, read_any, state_dict_of
 from .maskrcnn import TransNeXtMaskRCNN, build_maskrcnn
 
 HEAD = "Mask R-CNN"
@@ -176,20 +176,23 @@ def load_maskrcnn_state(net: TransNeXtMaskRCNN, sd: dict, source: str = "the sta
 def load_released_maskrcnn(path_or_state_dict, model: str | TransNeXtMaskRCNN | None = None,
                            **build_kw) -> TransNeXtMaskRCNN:
     """The model of a released ``mask_rcnn_transnext_{v}_fpn_1x_coco_in1k.pth`` (a path,
-    or its dict / ``state_dict`` already read), in eval mode.
+    or its dict / ``state_dict`` already read), in eval mode; ``class_names`` from the
+    file's ``meta['CLASSES']`` when it has them (else None).
 
     ``model``: None builds the file's variant; a variant name must match the file's; a
     built ``TransNeXtMaskRCNN`` is loaded in place. ``build_kw`` go to
     :func:`build_maskrcnn` (the class count comes from the file)."""
     if isinstance(path_or_state_dict, dict):
-        source = "the state dict"
-        sd = path_or_state_dict.get("state_dict", path_or_state_dict)
-        sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        source, obj = "the state dict", path_or_state_dict
     else:
         source = f"checkpoint {path_or_state_dict}"
-        sd = read_state_dict(path_or_state_dict)
+        obj = read_any(path_or_state_dict)
+    sd = state_dict_of(obj, source)
+    names = _meta_classes(obj)
     if isinstance(model, nn.Module):
         load_maskrcnn_state(model, sd, source)
+        if names is not None and len(names) == model.transnext_config["num_classes"]:
+            model.class_names = names
         return model.eval()
     variant = released_variant(sd, source, model)
     try:
@@ -200,7 +203,18 @@ def load_released_maskrcnn(path_or_state_dict, model: str | TransNeXtMaskRCNN | 
     build_kw.setdefault("mmdet_init", False)
     net = build_maskrcnn(variant, num_classes, **build_kw)
     load_maskrcnn_state(net, sd, source)
+    if names is not None and len(names) == num_classes:
+        net.class_names = names
     return net.eval()
+
+
+def _meta_classes(obj: dict) -> list[str] | None:
+    """The class names mmdet keeps in ``meta['CLASSES']``, when they are plain strings."""
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    names = meta.get("CLASSES") if isinstance(meta, dict) else None
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
 
 
 # ---- our own converted files --------------------------------------------------------
@@ -285,4 +299,4 @@ def load_converted(path, **build_kw) -> TransNeXtMaskRCNN:
 def convert_file(src, dst, class_names: list[str] | None = None) -> tuple[Path, Path]:
     """Released ``.pth`` -> converted safetensors + json (after a strict load)."""
     net = load_released_maskrcnn(src)
-    return save_converted(net, dst, class_names=class_names)
+    return save_converted(net, dst, class_names=class_names or net.class_names)

@@ -143,6 +143,7 @@ def build_maskrcnn(model: str = "transnext_tiny", num_classes: int = 80, *, img_
     net.transnext_config = dict(model=model, num_classes=num_classes, img_size=img_size,
                                 pos_bias=pos_bias, pretrain_size=backbone.body.pretrain_size,
                                 min_size=min_size, max_size=max_size)
+    net.class_names = None  # filled by the loaders when a file names its classes
     return net
 
 

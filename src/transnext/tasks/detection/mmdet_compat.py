@@ -498,7 +498,7 @@ class MMDetRoIHeads(RoIHeads):
             else:
                 tgt = torch.cat([mask_targets(t["masks"], p, m, logits.shape[-1],
                                               self.mask_pad_divisor)
-                                 for t, p, m in zip(targets, pos_props, pos_matched)])
+                                 for t, p, m in zip(targets, pos_props, pos_matched) if len(p)])
                 picked = logits[torch.arange(len(lab), device=lab.device), lab]
                 out["loss_mask"] = F.binary_cross_entropy_with_logits(picked, tgt)
         return out
