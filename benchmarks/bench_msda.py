@@ -13,9 +13,11 @@ grid_sample in bf16, its fastest); ``fp32``; ``amp`` = bf16 value with fp32 loca
 weights (what autocast produces; the reference then computes in fp32).
 
 Times are medians of ``triton.testing.do_bench`` on CUDA (CUDA events, after warm-up),
-of ``--reps`` wall-clock runs on the CPU. ``fwd`` runs under no_grad; ``fwd_bwd`` is one
-forward plus ``torch.autograd.grad`` for value, locations and weights. Memory: peak
-allocated during one forward+backward above the inputs and the upstream gradient.
+of ``--reps`` wall-clock runs on the CPU. The reference gets the level metadata as Python
+lists (tensors would be read back to the host each call). ``fwd`` runs under no_grad;
+``fwd_bwd`` is one forward plus ``torch.autograd.grad`` for value, locations and weights.
+Memory: peak allocated during one forward+backward above the inputs and the upstream
+gradient.
 
     PYTHONPATH=src python3 benchmarks/bench_msda.py --out benchmarks/results/msda_h100.json
     PYTHONPATH=src python3 benchmarks/bench_msda.py --tune   # launch-config sweep (Triton)
@@ -106,6 +108,8 @@ def bench_one(name, spec, dtype, backend, device, reps):
     res.update(Q=Q, S=S)
     gout = torch.randn(B, Q, 8 * 32, device=device, dtype=leaves[0].dtype)
     bench = _timer(device, reps)
+    if backend == "reference":  # host lists: the reference would read tensors back (a sync)
+        shapes, starts = [list(x) for x in levels], starts.tolist()
 
     def fwd():
         with torch.no_grad():
@@ -141,8 +145,8 @@ TUNE_SPACE = [dict(BLOCK_R=br, num_warps=w) for br, w in
 
 
 def tune(cases, dtypes):
-    """Each kernel's time (forward alone; forward+backward for the backward kernel's
-    config) over TUNE_SPACE at every case; prints the best per case."""
+    """Each kernel's own time (``_fwd_impl`` / ``_bwd_impl`` called directly) over TUNE_SPACE
+    at every case and dtype; prints the best per case."""
     from triton.testing import do_bench
 
     from transnext.ops import msda_triton as mt

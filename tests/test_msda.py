@@ -435,6 +435,27 @@ def test_triton_module_and_no_grad():
 
 
 @needs_triton
+@pytest.mark.parametrize("which", [(0,), (1, 2), (2,)], ids=["value", "loc_aw", "aw"])
+def test_triton_partial_gradients(which):
+    """Only some inputs need a gradient: the kernel skips the others' work (eager and
+    custom-op paths)."""
+    value, loc, aw, shapes, starts = make_inputs(1, 5, 2, 8, [(3, 4), (2, 3)], 2, device=DEV,
+                                                 seed=13)
+    sh, st = level_meta(shapes, starts, DEV)
+    ins = [value, loc, aw]
+    lr = _leaves(*ins)
+    ref = ms_deform_attn_reference(lr[0], sh, st, lr[1], lr[2])
+    gout = torch.randn_like(ref)
+    g_r = torch.autograd.grad(ref, [lr[i] for i in which], gout)
+    for fn in (lambda *a: ms_deform_attn(a[0], sh, st, a[1], a[2], backend="triton"),
+               lambda *a: torch.ops.transnext.ms_deform_attn_fwd(a[0], sh, st, a[1], a[2])):
+        lt = [t.detach().clone().requires_grad_(i in which) for i, t in enumerate(ins)]
+        g_t = torch.autograd.grad(fn(*lt), [lt[i] for i in which], gout)
+        for i, a, b in zip(which, g_t, g_r):
+            assert _rel(a, b) < 1e-5, NAMES[i]
+
+
+@needs_triton
 def test_custom_op_autograd_and_opcheck():
     """The custom-op path (what torch.compile uses): same forward and gradients; opcheck."""
     importlib.import_module("transnext.ops.msda_triton")  # registers the custom ops
@@ -454,9 +475,10 @@ def test_custom_op_autograd_and_opcheck():
                           (*_leaves(value)[:1], sh, st, *_leaves(loc, aw)),
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
-    torch.library.opcheck(torch.ops.transnext.ms_deform_attn_bwd.default,
-                          (value, sh, st, loc, aw, gout),
-                          test_utils=("test_schema", "test_faketensor"))
+    for need in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(torch.ops.transnext.ms_deform_attn_bwd.default,
+                              (value, sh, st, loc, aw, gout, *need),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_bench_script_runs_on_cpu(tmp_path):

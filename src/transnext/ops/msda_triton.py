@@ -104,7 +104,7 @@ def _bwd_kernel(
     svb, svs, svm, svd,
     R, QM, M, S,
     L: tl.constexpr, P: tl.constexpr, HEAD_D: tl.constexpr, D: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, NEED_DV: tl.constexpr, NEED_DLA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -165,16 +165,22 @@ def _bwd_kernel(
                 ok = row_ok & (xi >= 0) & (xi < Wi) & (yi >= 0) & (yi < Hi)
                 cmask = ok[:, None] & d_ok[None, :]
                 tok = s0 + yi * Wi + xi
-                v = tl.load(vptr + (tok * svs)[:, None], mask=cmask, other=0.0).to(tl.float32)
-                dot = tl.sum(g * v, 1)
-                g_a += wx * wy * dot
-                g_x += sx * wy * dot
-                g_y += sy * wx * dot
-                tl.atomic_add(dvptr + (tok * (M * HEAD_D))[:, None], (a * wx * wy)[:, None] * g,
-                              mask=cmask, sem="relaxed")
-            tl.store(daw_row + k, g_a.to(DAW.dtype.element_ty), mask=row_ok)
-            tl.store(dloc_row + 2 * k, (a * Wf * g_x).to(DLOC.dtype.element_ty), mask=row_ok)
-            tl.store(dloc_row + 2 * k + 1, (a * Hf * g_y).to(DLOC.dtype.element_ty), mask=row_ok)
+                if NEED_DLA:
+                    v = tl.load(vptr + (tok * svs)[:, None], mask=cmask,
+                                other=0.0).to(tl.float32)
+                    dot = tl.sum(g * v, 1)
+                    g_a += wx * wy * dot
+                    g_x += sx * wy * dot
+                    g_y += sy * wx * dot
+                if NEED_DV:
+                    tl.atomic_add(dvptr + (tok * (M * HEAD_D))[:, None],
+                                  (a * wx * wy)[:, None] * g, mask=cmask, sem="relaxed")
+            if NEED_DLA:
+                tl.store(daw_row + k, g_a.to(DAW.dtype.element_ty), mask=row_ok)
+                tl.store(dloc_row + 2 * k, (a * Wf * g_x).to(DLOC.dtype.element_ty),
+                         mask=row_ok)
+                tl.store(dloc_row + 2 * k + 1, (a * Hf * g_y).to(DLOC.dtype.element_ty),
+                         mask=row_ok)
 
 
 # ----------------------------------------------------------------------------
@@ -284,24 +290,26 @@ def _fwd_impl(value, spatial_shapes, level_start_index, sampling_locations, atte
 
 
 def _bwd_impl(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-              dout):
+              dout, need_dv=True, need_dla=True):
+    """(d value, d locations, d weights); a gradient not asked for is an empty (0,) tensor."""
     B, S, M, Dh = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
     shapes, starts = _meta(spatial_shapes, level_start_index)
     loc = sampling_locations.contiguous()
     aw = attention_weights.contiguous()
     dout = dout.contiguous()
-    dv = torch.zeros((B, S, M, Dh), device=value.device, dtype=torch.float32)
-    dloc = torch.empty(loc.shape, device=loc.device, dtype=loc.dtype)
-    daw = torch.empty(aw.shape, device=aw.device, dtype=aw.dtype)
+    dv = torch.zeros((B, S, M, Dh) if need_dv else (0,), device=value.device,
+                     dtype=torch.float32)
+    dloc = loc.new_empty(loc.shape if need_dla else (0,))
+    daw = aw.new_empty(aw.shape if need_dla else (0,))
     R = B * Q * M
-    if R == 0 or Dh == 0:
+    if R == 0 or Dh == 0 or not (need_dv or need_dla):
         return dv.to(value.dtype), dloc.zero_(), daw.zero_()
     D, BR, kw = _cfg("bwd", R, Dh, value)
     grid = (triton.cdiv(R, BR),)
     _kernel(_bwd_kernel, not value.is_cuda)[grid](
         value, shapes, starts, loc, aw, dout, dv, dloc, daw, *value.stride(), R, Q * M, M, S,
-        L=L, P=P, HEAD_D=Dh, D=D, BLOCK_R=BR, **kw)
+        L=L, P=P, HEAD_D=Dh, D=D, BLOCK_R=BR, NEED_DV=need_dv, NEED_DLA=need_dla, **kw)
     return dv.to(value.dtype), dloc, daw
 
 
@@ -327,28 +335,43 @@ def _(value, spatial_shapes, level_start_index, sampling_locations, attention_we
 
 @torch.library.custom_op("transnext::ms_deform_attn_bwd", mutates_args=())
 def ms_deform_attn_bwd(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
-                       sampling_locations: Tensor, attention_weights: Tensor,
-                       dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                       sampling_locations: Tensor,
+                       attention_weights: Tensor, dout: Tensor, need_dv: bool = True,
+                       need_dla: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """(d value, d sampling_locations, d attention_weights), each contiguous in its input's
-    dtype."""
+    dtype; ``need_dv`` / ``need_dla`` False: that gradient (value's / locations' and
+    weights') is not computed and an empty (0,) tensor is returned in its place."""
     return _bwd_impl(value, spatial_shapes, level_start_index, sampling_locations,
-                     attention_weights, dout)
+                     attention_weights, dout, need_dv, need_dla)
 
 
 @ms_deform_attn_bwd.register_fake
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, dout):
-    return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
-            attention_weights.new_empty(attention_weights.shape))
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, dout,
+      need_dv=True, need_dla=True):
+    loc, aw = sampling_locations, attention_weights
+    return (value.new_empty(value.shape if need_dv else (0,)),
+            loc.new_empty(loc.shape if need_dla else (0,)),
+            aw.new_empty(aw.shape if need_dla else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+def _needs(ctx):
+    n = ctx.needs_input_grad
+    return n[0], n[3] or n[4]
+
+
+def _grads(ctx, dv, dloc, daw):
+    n = ctx.needs_input_grad
+    return (dv if n[0] else None, None, None, dloc if n[3] else None, daw if n[4] else None)
+
+
 def _backward(ctx, dout):
     value, shapes, starts, loc, aw = ctx.saved_tensors
-    dv, dloc, daw = ms_deform_attn_bwd(value, shapes, starts, loc, aw, dout)
-    return dv, None, None, dloc, daw
+    grads = ms_deform_attn_bwd(value, shapes, starts, loc, aw, dout, *_needs(ctx))
+    return _grads(ctx, *grads)
 
 
 ms_deform_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -370,8 +393,8 @@ class _MSDeformAttnFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         value, shapes, starts, loc, aw = ctx.saved_tensors
-        dv, dloc, daw = _bwd_impl(value, shapes, starts, loc, aw, dout)
-        return dv, None, None, dloc, daw
+        grads = _bwd_impl(value, shapes, starts, loc, aw, dout, *_needs(ctx))
+        return _grads(ctx, *grads)
 
 
 def ms_deform_attn_triton(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
