@@ -307,8 +307,12 @@ def _bwd_impl(value, spatial_shapes, level_start_index, sampling_locations, atte
         return dv.to(value.dtype), dloc.zero_(), daw.zero_()
     D, BR, kw = _cfg("bwd", R, Dh, value)
     grid = (triton.cdiv(R, BR),)
+    # gradients not asked for: the kernel never touches them; one-element stand-ins
+    # rather than empty tensors' null pointers
+    kdv = dv if need_dv else dv.new_empty(1)
+    kdloc, kdaw = (dloc, daw) if need_dla else (loc.new_empty(1), aw.new_empty(1))
     _kernel(_bwd_kernel, not value.is_cuda)[grid](
-        value, shapes, starts, loc, aw, dout, dv, dloc, daw, *value.stride(), R, Q * M, M, S,
+        value, shapes, starts, loc, aw, dout, kdv, kdloc, kdaw, *value.stride(), R, Q * M, M, S,
         L=L, P=P, HEAD_D=Dh, D=D, BLOCK_R=BR, NEED_DV=need_dv, NEED_DLA=need_dla, **kw)
     return dv.to(value.dtype), dloc, daw
 
