@@ -140,7 +140,8 @@ def evaluate(model, dataset: CocoDetection, device, *, rank: int = 0, world_size
     model.eval()
     sampler = ShardSampler(len(dataset), rank, world_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                         num_workers=workers, collate_fn=collate)
+                                         num_workers=workers, collate_fn=collate,
+                                         generator=torch.Generator())  # not the global RNG
     ev = CocoEvaluator(dataset.coco, dataset.label_to_cat_id,
                        iou_types=("bbox", "segm") if with_masks else ("bbox",))
     it = loader
