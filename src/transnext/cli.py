@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="transnext", description="TransNeXt classification jobs")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True,
-                           metavar="{train,eval,predict,info,export,erf,attention-map,seg}")
+                           metavar="{train,eval,predict,info,export,erf,attention-map,seg,det}")
     _add_train(sub)
     _add_eval(sub)
     _add_predict(sub)
@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_tool_parsers(sub)  # export, erf, attention-map (tools/parsers.py)
     from .tasks.segmentation.cli import add_parser as _add_seg
     _add_seg(sub)
+    from .tasks.detection.cli import add_parser as _add_det
+    _add_det(sub)
     return p
 
 

@@ -17,6 +17,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -44,7 +46,7 @@ class TransNeXtFPN(nn.Module):
         if model_name not in ARCHS:
             raise ValueError(f"unknown TransNeXt variant {model_name!r}; one of {sorted(ARCHS)}")
         self.body = transnext.create_model(
-            model_name, num_classes=0, pos_bias=pos_bias,
+            model_name, num_classes=0, in_chans=3, pos_bias=pos_bias,
             img_size=img_size if pos_bias == "interpolate" else None,
             pretrain_size=pretrain_size, drop_path_rate=drop_path_rate)
         self.fpn = FeaturePyramidNetwork(list(ARCHS[model_name]["embed_dims"]), out_channels,
@@ -94,7 +96,10 @@ def build_maskrcnn(model: str = "transnext_tiny", num_classes: int = 80, *, img_
                    rpn_post_nms_top_n_train: int = 1000, rpn_pre_nms_top_n_test: int = 1000,
                    rpn_post_nms_top_n_test: int = 1000, box_detections_per_img: int = 100,
                    box_score_thresh: float = 0.05, quantize: bool = True,
-                   mmdet_init: bool = True) -> TransNeXtMaskRCNN:
+                   mmdet_init: bool = True, fpn_channels: int = 256, box_fc: int = 1024,
+                   mask_channels: int = 256, anchor_scale: float = 8.0,
+                   rpn_batch_size_per_image: int = 256,
+                   box_batch_size_per_image: int = 512) -> TransNeXtMaskRCNN:
     """The released Mask R-CNN 1x layout on a TransNeXt ``model`` with ``num_classes``
     foreground classes (torchvision's heads get one more: background at index 0).
 
@@ -108,31 +113,42 @@ def build_maskrcnn(model: str = "transnext_tiny", num_classes: int = 80, *, img_
     base (0.4/0.6/0.7), else 0.1. ``pretrained_backbone``: an ImageNet checkpoint file
     (any layout the package's loader reads). ``mmdet_init``: mmdet's initialisation of
     the neck and box head (Xavier FPN and shared FCs, normal 0.01 / 0.001 classifier and
-    box regressor); torchvision's otherwise."""
+    box regressor); torchvision's otherwise.
+
+    Smaller heads for small data (the released layout is the default): ``fpn_channels``
+    (256), ``box_fc`` (the shared FCs' width, 1024), ``mask_channels`` (the mask convs',
+    256), ``anchor_scale`` (anchor side = scale x stride: 8 gives 32-512 px over P2-P6),
+    ``rpn_batch_size_per_image`` (256 sampled anchors) and ``box_batch_size_per_image``
+    (512 sampled RoIs). They keep every parameter name, so the converter is unaffected."""
     if num_classes < 1:
         raise ValueError(f"num_classes counts foreground classes, got {num_classes}")
     if drop_path_rate is None:
         drop_path_rate = RELEASED_DROP_PATH.get(model, DEFAULT_DROP_PATH)
     backbone = TransNeXtFPN(model, pos_bias=pos_bias, img_size=img_size,
-                            pretrain_size=pretrain_size, drop_path_rate=drop_path_rate)
+                            pretrain_size=pretrain_size, drop_path_rate=drop_path_rate,
+                            out_channels=fpn_channels)
     if pretrained_backbone is not None:
         load_checkpoint(backbone.body, pretrained_backbone)
     levels = ["0", "1", "2", "3"]
     net = TransNeXtMaskRCNN(
-        backbone, num_classes=num_classes + 1, min_size=min_size, max_size=max_size,
-        rpn_anchor_generator=MMDetAnchorGenerator(),
-        box_roi_pool=MMDetRoIAlign(levels, 7), mask_roi_pool=MMDetRoIAlign(levels, 14))
+        backbone, num_classes=None, min_size=min_size, max_size=max_size,
+        rpn_anchor_generator=MMDetAnchorGenerator(scales=(anchor_scale,)),
+        box_roi_pool=MMDetRoIAlign(levels, 7), mask_roi_pool=MMDetRoIAlign(levels, 14),
+        box_head=TwoMLPHead(fpn_channels * 7 * 7, box_fc),
+        box_predictor=FastRCNNPredictor(box_fc, num_classes + 1),
+        mask_head=MaskRCNNHeads(fpn_channels, (mask_channels,) * 4, 1),
+        mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1))
     old = net.rpn
     net.rpn = MMDetRPN(
         old.anchor_generator, old.head, fg_iou_thresh=0.7, bg_iou_thresh=0.3,
-        batch_size_per_image=256, positive_fraction=0.5,
+        batch_size_per_image=rpn_batch_size_per_image, positive_fraction=0.5,
         pre_nms_top_n=dict(training=rpn_pre_nms_top_n_train, testing=rpn_pre_nms_top_n_test),
         post_nms_top_n=dict(training=rpn_post_nms_top_n_train, testing=rpn_post_nms_top_n_test),
         nms_thresh=0.7, min_pos_iou=0.3)
     old = net.roi_heads
     net.roi_heads = MMDetRoIHeads(
         old.box_roi_pool, old.box_head, old.box_predictor, fg_iou_thresh=0.5,
-        bg_iou_thresh=0.5, batch_size_per_image=512, positive_fraction=0.25,
+        bg_iou_thresh=0.5, batch_size_per_image=box_batch_size_per_image, positive_fraction=0.25,
         bbox_reg_weights=None, score_thresh=box_score_thresh, nms_thresh=0.5,
         detections_per_img=box_detections_per_img, mask_roi_pool=old.mask_roi_pool,
         mask_head=old.mask_head, mask_predictor=old.mask_predictor, min_pos_iou=0.5,
@@ -140,9 +156,12 @@ def build_maskrcnn(model: str = "transnext_tiny", num_classes: int = 80, *, img_
     net.transform = MMDetTransform(min_size, max_size, 32, quantize=quantize)
     if mmdet_init:
         mmdet_init_(net)
-    net.transnext_config = dict(model=model, num_classes=num_classes, img_size=img_size,
-                                pos_bias=pos_bias, pretrain_size=backbone.body.pretrain_size,
-                                min_size=min_size, max_size=max_size)
+    net.transnext_config = dict(
+        model=model, num_classes=num_classes, img_size=img_size, pos_bias=pos_bias,
+        pretrain_size=backbone.body.pretrain_size, min_size=min_size, max_size=max_size,
+        fpn_channels=fpn_channels, box_fc=box_fc, mask_channels=mask_channels,
+        anchor_scale=anchor_scale, rpn_batch_size_per_image=rpn_batch_size_per_image,
+        box_batch_size_per_image=box_batch_size_per_image)
     net.class_names = None  # filled by the loaders when a file names its classes
     return net
 

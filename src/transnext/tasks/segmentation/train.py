@@ -22,6 +22,7 @@ from ...engine.metrics import MetricLog
 from ...engine.models import unwrap
 from ...engine.train import ThreadProbe, seed_all, set_deterministic
 from ...models import CheckpointError, apply_checkpoint
+from ..common.schedule import TimeBudget, warmup_factor
 from . import recipes
 from .convert import (head_kind, load_mask2former_state, load_upernet_state, read_any,
                       state_dict_of)
@@ -37,10 +38,7 @@ def lr_factor(it: int, iters: int, warmup: int, warmup_ratio: float, power: floa
     """mmseg's poly schedule (min lr 0) times its linear warm-up; ``progress`` (0-1)
     replaces it / iters under a time budget."""
     p = min(it, iters) / iters if progress is None else min(progress, 1.0)
-    f = (1.0 - p) ** power
-    if it < warmup:
-        f *= 1.0 - (1.0 - it / warmup) * (1.0 - warmup_ratio)
-    return f
+    return (1.0 - p) ** power * warmup_factor(it, warmup, warmup_ratio)
 
 
 def param_groups(model, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0):
@@ -93,29 +91,6 @@ class TrainSampler(torch.utils.data.Sampler):
     @property
     def batches_per_epoch(self) -> int:
         return self.per_rank // self.batch
-
-
-class TimeBudget:
-    """--time-budget: the schedule follows the wall clock. Progress is the larger of
-    iterations / --iters and training time / (budget - a reserve for the final
-    evaluation); the poly factor uses it, and training ends when it reaches 1. A
-    machine that slows down or speeds up mid-run changes the iteration count, not
-    the length. Rank 0's clock decides for every rank."""
-
-    def __init__(self, seconds: float, elapsed: float = 0.0):
-        self.train_s = seconds - max(10.0, 0.03 * seconds)
-        self.t0 = time.time() - elapsed
-
-    def elapsed(self) -> float:
-        return time.time() - self.t0
-
-    def progress(self, it: int, iters: int, device) -> float:
-        p = torch.tensor([max(it / iters, self.elapsed() / self.train_s)], dtype=torch.float64,
-                         device=device)
-        import torch.distributed as tdist
-        if tdist.is_available() and tdist.is_initialized():
-            tdist.broadcast(p, src=0)
-        return float(p)
 
 
 def _batches(ds, aug, sampler, args, start_it, device):

@@ -1,0 +1,41 @@
+"""Schedule pieces the dense-task training jobs share: mmcv's linear warm-up and the
+wall-clock time budget (the CPU demos)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def warmup_factor(it: int, warmup: int, warmup_ratio: float) -> float:
+    """mmcv's linear warm-up: ``warmup_ratio`` at iteration 0 rising to 1 at ``warmup``."""
+    if it >= warmup:
+        return 1.0
+    return 1.0 - (1.0 - it / warmup) * (1.0 - warmup_ratio)
+
+
+class TimeBudget:
+    """--time-budget: the schedule follows the wall clock. Progress is the larger of
+    iterations / total iterations and training time / (budget - a reserve for the
+    final evaluation); the learning-rate schedule reads it, and training ends when it
+    reaches 1. A machine that slows down or speeds up mid-run changes the iteration
+    count, not the length. Rank 0's clock decides for every rank.
+
+    ``reserve``: seconds kept for the final evaluation (default: 3% of the budget, at
+    least 10 s). ``elapsed``: training time already spent (a resumed run)."""
+
+    def __init__(self, seconds: float, elapsed: float = 0.0, reserve: float | None = None):
+        reserve = max(10.0, 0.03 * seconds) if reserve is None else reserve
+        self.train_s = max(seconds - reserve, 1.0)
+        self.t0 = time.time() - elapsed
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def progress(self, it: int, iters: int, device) -> float:
+        p = torch.tensor([max(it / iters, self.elapsed() / self.train_s)], dtype=torch.float64,
+                         device=device)
+        import torch.distributed as tdist
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.broadcast(p, src=0)
+        return float(p)

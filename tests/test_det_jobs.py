@@ -1,0 +1,269 @@
+"""The `transnext det` jobs on real Fashion-MNIST instance mosaics (PNG files + COCO
+json): training, eval, predict, exact resume, a two-process gloo torchrun run, the
+converter on a file with every released key, and bad input reaching the user as one
+line."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import PY, REPO, free_port, subprocess_env
+from seg_helpers import random_state, read_layout
+from transnext.cli import main
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian's dataset-fashion-mnist "
+                                                               "is not installed")
+
+
+@pytest.fixture(scope="module")
+def mosaics(tmp_path_factory):
+    if not FMNIST.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    root = tmp_path_factory.mktemp("det_mosaics")
+    assert main(["det", "make-mosaics", "--output", str(root), "--train", "8", "--val", "5",
+                 "--size", "64", "--seed", "1"]) == 0
+    return root
+
+
+def _train_cmd(data, out, *extra):
+    return ["det", "train", "--recipe", "maskrcnn-fmnist", "--data-dir", str(data),
+            "--output", str(out), "--min-size", "64", "--max-size", "64", "--pretrain-size",
+            "64", "--batch-size", "2", "--epochs", "2", "--workers", "0", "--threads", "1",
+            "--no-progress", "--no-tensorboard", "--eval-batch-size", "5", "--seed", "3",
+            "--deterministic", "--time-budget", "0", "--warmup-iters", "2", *extra]
+
+
+def _coco_gt(image_ids, size):
+    from pycocotools.coco import COCO
+    from transnext.tasks.detection.mosaics import categories
+    gt = COCO()
+    gt.dataset = {"images": [{"id": i, "height": size, "width": size} for i in image_ids],
+                  "categories": categories(), "annotations": []}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def _load_res(gt, entries):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return gt.loadRes(entries)
+
+
+@needs_fmnist
+def test_train_eval_predict_and_exact_resume(mosaics, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    # 8 images, batch 2: 4 iterations per epoch; checkpoints every 3 iterations and at
+    # each epoch's end, evaluation after each epoch
+    common = ("--ckpt-interval", "3", "--eval-interval", "1")
+    assert main(_train_cmd(mosaics, a, *common, "--json", str(tmp_path / "a.json"))) == 0
+    out = capsys.readouterr().out
+    assert out.count("box AP") == 2 and "mask AP" in out
+    ref = torch.load(a / "last.pth", weights_only=True)
+    assert ref["iter"] == 8 and ref["iters_per_epoch"] == 4
+    assert ref["class_names"][0] == "T-shirt/top" and ref["cat_ids"] == list(range(1, 11))
+    assert (a / "best.pth").is_file() and (a / "metrics.csv").is_file()
+    rows = json.loads((a / "metrics.json").read_text())
+    assert [r["iter"] for r in rows if "val_bbox_AP" in r] == [4, 8]
+    ap = ref["metrics"]["val_bbox_AP"], ref["metrics"]["val_segm_AP"]
+    assert all(0 <= v <= 100 for v in ap)
+    summary = json.loads((tmp_path / "a.json").read_text())
+    assert summary["iter"] == 8 and summary["best_box_AP"] >= ap[0]
+
+    # exact resume: stop after 3 iterations (mid-epoch checkpoint), continue to the end
+    assert main(_train_cmd(mosaics, b, *common, "--stop-after-iters", "3")) == 0
+    assert torch.load(b / "last.pth", weights_only=True)["iter"] == 3
+    assert main(_train_cmd(mosaics, b, *common, "--resume", str(b / "last.pth"))) == 0
+    got = torch.load(b / "last.pth", weights_only=True)
+    assert got["iter"] == 8
+    assert set(got["model"]) == set(ref["model"])
+    for k, v in ref["model"].items():
+        assert torch.equal(got["model"][k], v), k
+    for s, t in zip(got["optimizer"]["state"].values(), ref["optimizer"]["state"].values()):
+        assert torch.equal(s["exp_avg"], t["exp_avg"]) and torch.equal(s["exp_avg_sq"], t["exp_avg_sq"])
+    assert got["metrics"]["val_bbox_AP"] == ref["metrics"]["val_bbox_AP"]
+    capsys.readouterr()
+    # resuming into another head width is refused, naming both
+    assert main(_train_cmd(mosaics, b, "--fpn-channels", "32", "--epochs", "3",
+                           "--resume", str(b / "last.pth"))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot resume" in err[0] and "fpn_channels" in err[0]
+
+    # eval of the checkpoint: the numbers training logged, COCO result files
+    assert main(["det", "eval", "--checkpoint", str(a / "last.pth"), "--data-dir", str(mosaics),
+                 "--batch-size", "5", "--workers", "0", "--json", str(tmp_path / "e.json"),
+                 "--results", str(tmp_path / "res" / "val")]) == 0
+    printed = capsys.readouterr().out
+    assert "AP50" in printed and "bbox" in printed and "segm" in printed
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert ev["images"] == 5
+    assert ev["bbox"]["AP"] == pytest.approx(ap[0]) and ev["segm"]["AP"] == pytest.approx(ap[1])
+    for t in ("bbox", "segm"):
+        assert 0 <= ev[t]["AP50"] <= 100 and 0 <= ev[t]["AR@100"] <= 100
+    from transnext.tasks.detection.coco import CocoDetection, resolve_coco
+    val = CocoDetection(*resolve_coco(mosaics, "val"))
+    entries = json.loads((tmp_path / "res" / "val.segm.json").read_text())
+    assert entries and {e["image_id"] for e in entries} <= set(val.image_ids)
+    _load_res(val.coco, entries)
+
+    # predict: PNGs with the detections drawn, COCO results keyed by the file stem
+    imgs = [mosaics / "val2017" / "00000.png", mosaics / "val2017" / "00003.png"]
+    assert main(["det", "predict", *map(str, imgs), "--checkpoint", str(a / "last.pth"),
+                 "--output", str(tmp_path / "pred"), "--score-thr", "0"]) == 0
+    assert "00003.png" in capsys.readouterr().out
+    for f in imgs:
+        drawn = np.array(Image.open(tmp_path / "pred" / f.name))
+        assert drawn.shape == (64, 64, 3)
+        assert not np.array_equal(drawn, np.array(Image.open(f).convert("RGB")))
+    pred = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert {p["image_id"] for p in pred} == {0, 3}
+    assert {p["category_id"] for p in pred} <= set(range(1, 11))
+    assert all(p["score"] >= 0.05 and "counts" in p["segmentation"] for p in pred)
+    res = _load_res(_coco_gt([0, 3], 64), pred)
+    assert len(res.getAnnIds()) == len(pred)
+
+
+def _torchrun(*args):
+    return [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "transnext", *args]
+
+
+def _run(cmd):
+    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, f"STDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-5000:]}"
+    return p
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_two_process_gloo_train_and_eval(mosaics, tmp_path):
+    out = tmp_path / "ddp"
+    _run(_torchrun(*_train_cmd(mosaics, out, "--epochs", "1", "--batch-size", "1",
+                               "--threads", "1")))
+    ck = torch.load(out / "last.pth", weights_only=True)
+    # 8 images over 2 processes, 1 per batch: 4 iterations per epoch
+    assert ck["iter"] == 4 and ck["iters_per_epoch"] == 4 and len(ck["rng"]) == 2
+    assert 0 <= ck["metrics"]["val_bbox_AP"] <= 100
+    ev = ["det", "eval", "--checkpoint", str(out / "last.pth"), "--data-dir", str(mosaics),
+          "--workers", "0", "--threads", "1"]
+    _run([PY, "-m", "transnext", *ev, "--json", str(tmp_path / "one.json")])
+    _run(_torchrun(*ev, "--json", str(tmp_path / "two.json")))  # 5 images: 3 + 2
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert one["images"] == two["images"] == 5 and two["processes"] == 2
+    for t in ("bbox", "segm"):
+        for k in ("AP", "AP50", "AR@100"):
+            assert two[t][k] == pytest.approx(one[t][k], nan_ok=True), (t, k)
+
+
+def test_convert_a_file_with_every_released_key(tmp_path, capsys):
+    from transnext.tasks.detection.convert import load_converted
+    sd = random_state(read_layout("maskrcnn_transnext_tiny.keys.txt"), seed=5)
+    names = [f"thing{i}" for i in range(80)]
+    src = tmp_path / "mask_rcnn_transnext_tiny_fpn_1x_coco_in1k.pth"
+    torch.save({"state_dict": sd, "meta": {"CLASSES": names}}, src)
+    dst = tmp_path / "out" / "maskrcnn-tiny.safetensors"
+    assert main(["det", "convert", str(src), str(dst)]) == 0
+    assert "transnext_tiny, 80 classes" in capsys.readouterr().out
+    cfg = json.loads(dst.with_suffix(".json").read_text())
+    assert cfg["model"] == "transnext_tiny" and cfg["class_names"] == names
+    net = load_converted(dst)
+    own = net.state_dict()
+    assert torch.equal(own["backbone.body.block3.14.mlp.fc2.weight"],
+                       sd["backbone.block3.14.mlp.fc2.weight"])
+    w = sd["roi_head.bbox_head.fc_cls.weight"]
+    assert torch.equal(own["roi_heads.box_predictor.cls_score.weight"],
+                       torch.cat([w[80:], w[:80]]))
+    # a file of another head: one line, exit 2
+    up = random_state(read_layout("upernet_transnext_tiny.keys.txt"), seed=6)
+    torch.save({"state_dict": up}, tmp_path / "upernet.pth")
+    assert main(["det", "convert", str(tmp_path / "upernet.pth"), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "UperNet checkpoint, not Mask R-CNN" in err[0]
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def _cli(*args):
+    p = subprocess.run([PY, "-m", "transnext", *args], cwd=REPO, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=300)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and lines[-1].startswith("transnext det: error:"), p.stderr
+    return lines[-1]
+
+
+def _copy_set(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+@needs_fmnist
+def test_bad_input_is_one_line(mosaics, tmp_path, capsys):
+    # a missing annotation file
+    d = _copy_set(mosaics, tmp_path / "noann")
+    (d / "annotations" / "instances_train2017.json").unlink()
+    line = _cli(*_train_cmd(d, tmp_path / "o1"))
+    assert "annotation file not found" in line and "instances_train2017.json" in line
+    # a corrupt image: named up front by the check, and at load time with --no-verify
+    d = _copy_set(mosaics, tmp_path / "corrupt")
+    (d / "val2017" / "00002.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    line = _cli(*_train_cmd(d, tmp_path / "o2"))
+    assert "00002.png (id 3): unreadable" in line
+    # an annotation that is not COCO's: the json and the annotation id
+    d = _copy_set(mosaics, tmp_path / "badann")
+    ann = d / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    data["annotations"][1]["bbox"] = [1, 2, 3]
+    ann.write_text(json.dumps(data))
+    assert main(_train_cmd(d, tmp_path / "o3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "instances_val2017.json" in err[0]
+    assert f"annotation {data['annotations'][1]['id']} has bbox" in err[0]
+    # no training image left after filtering
+    d = _copy_set(mosaics, tmp_path / "empty")
+    ann = d / "annotations" / "instances_train2017.json"
+    data = json.loads(ann.read_text())
+    for a in data["annotations"]:
+        a["bbox"][2] = 0.5
+    ann.write_text(json.dumps(data))
+    assert main(_train_cmd(d, tmp_path / "o4")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no training image left" in err[0] and "8 image(s)" in err[0]
+    # checkpoints of another task, variant or class count
+    import transnext
+    cls = tmp_path / "femto_cls.pth"
+    torch.save({"model": transnext.create_model("transnext_femto", num_classes=10).state_dict(),
+                "model_name": "transnext_femto"}, cls)
+    line = _cli("det", "eval", "--checkpoint", str(cls), "--data-dir", str(mosaics))
+    assert "classification checkpoint of transnext_femto" in line and "not a Mask R-CNN" in line
+    from transnext.tasks.detection.evaluate import CONFIG_KEY
+    from transnext.tasks.detection.maskrcnn import build_maskrcnn
+    cfg = dict(arch="mask-rcnn", model="transnext_femto", num_classes=3, pos_bias="extrapolate",
+               pretrain_size=64, min_size=64, max_size=64, fpn_channels=16, box_fc=32,
+               mask_channels=16)
+    net = build_maskrcnn(**{k: v for k, v in cfg.items() if k != "arch"})
+    torch.save({"model": net.state_dict(), CONFIG_KEY: cfg}, tmp_path / "three.pth")
+    line = _cli("det", "eval", "--checkpoint", str(tmp_path / "three.pth"), "--data-dir",
+                str(mosaics), "--model", "transnext_micro")
+    assert "transnext_femto, not transnext_micro" in line
+    assert main(["det", "eval", "--checkpoint", str(tmp_path / "three.pth"), "--data-dir",
+                 str(mosaics)]) == 2
+    err = capsys.readouterr().err
+    assert "predicts 3 classes" in err and "10 categories" in err
+    assert main(_train_cmd(mosaics, tmp_path / "o5", "--pretrained",
+                           str(tmp_path / "three.pth"))) == 2
+    err = capsys.readouterr().err
+    assert "mask-rcnn on transnext_femto with 3 classes" in err and "with 10 classes" in err
+    assert main(_train_cmd(mosaics, tmp_path / "o6", "--model", "transnext_micro",
+                           "--pretrained", str(cls))) == 2
+    assert "transnext_femto" in capsys.readouterr().err
