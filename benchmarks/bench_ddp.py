@@ -12,8 +12,9 @@ What it measures, all on one machine in one call (README, "Multi-GPU"):
 * first step: the first update's loss and all-reduced gradients on 1 GPU at batch
   n_max * b against n_max GPUs at batch b (fp32, no stochastic depth).
 * evaluation: ``transnext eval`` of the n_max checkpoint on 1 process and on n_max.
-* segmentation (``--seg``): ``transnext seg train`` (UperNet, SyncBN) on 1 GPU at batch
+* segmentation (``seg``): ``transnext seg train`` (UperNet, SyncBN) on 1 GPU at batch
   2b and on 2 GPUs at batch b: the first iterations' losses (means over all ranks).
+* detection (``det``): the same for ``transnext det train`` (Mask R-CNN).
 
 Data: Fashion-MNIST written as an ImageFolder of RGB JPEGs (``--image-size`` px), so
 the pipeline decodes real files as it would on ImageNet.
@@ -214,6 +215,29 @@ def segmentation(a, work: Path) -> dict:
     return res
 
 
+def detection(a, work: Path) -> dict:
+    """``transnext det train`` (Mask R-CNN) on 1 GPU at batch 2b and 2 GPUs at batch b:
+    the first iterations' losses (means over all ranks; RPN/RoI sampling is random per
+    rank, so close, not equal)."""
+    mos = work / "det_mosaics"
+    if not (mos / "annotations" / "instances_val2017.json").exists():
+        args = ["det", "make-mosaics", "--output", str(mos), "--train", "400", "--val", "50"]
+        if a.fmnist:
+            args += ["--fashion-mnist-dir", a.fmnist]
+        _launch(1, args, work / "det_mosaics.log")
+    res = {}
+    for n, b in ((1, 2 * a.det_batch), (2, a.det_batch)):
+        out = work / f"det_{n}"
+        _launch(n, ["det", "train", "--recipe", "maskrcnn-fmnist", "--model", a.det_model,
+                    "--data-dir", str(mos), "--output", str(out), "--batch-size", str(b),
+                    "--amp", "bf16", "--workers", "4", "--log-interval", "1",
+                    "--time-budget", "0", "--stop-after-iters", str(a.det_iters),
+                    "--no-progress", "--no-tensorboard", "--seed", "0"], work / f"det_{n}.log")
+        res[str(n)] = {"batch": b, "loss": [r["train_loss"] for r in _metrics(out)
+                                            if "train_loss" in r]}
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", required=True, help="scratch folder")
@@ -228,12 +252,15 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=8, help="loader workers per process")
     p.add_argument("--compile-mode", default=None)
     p.add_argument("--parts", nargs="+", default=["scaling", "first-step", "resume", "eval",
-                                                  "seg"],
-                   choices=["scaling", "first-step", "resume", "eval", "seg"])
+                                                  "seg", "det"],
+                   choices=["scaling", "first-step", "resume", "eval", "seg", "det"])
     p.add_argument("--seg-batch", type=int, default=4, help="per GPU on 2 GPUs")
     p.add_argument("--seg-iters", type=int, default=20)
     p.add_argument("--seg-model", default="transnext_tiny")
     p.add_argument("--seg-crop", type=int, default=256)
+    p.add_argument("--det-model", default="transnext_tiny")
+    p.add_argument("--det-batch", type=int, default=4, help="per GPU on 2 GPUs")
+    p.add_argument("--det-iters", type=int, default=20)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     work = Path(a.work)
@@ -284,6 +311,12 @@ def main(argv=None):
         res["seg"] = s = segmentation(a, work)
         print("\nseg train loss per iteration (1 GPU at batch 2b | 2 GPUs at batch b):")
         for i, (x, y) in enumerate(zip(s["1"]["loss"], s["2"]["loss"])):
+            print(f"  iter {i + 1}: {x:.4f} | {y:.4f}")
+        save()
+    if "det" in a.parts:
+        res["det"] = d = detection(a, work)
+        print("\ndet train loss per iteration (1 GPU at batch 2b | 2 GPUs at batch b):")
+        for i, (x, y) in enumerate(zip(d["1"]["loss"], d["2"]["loss"])):
             print(f"  iter {i + 1}: {x:.4f} | {y:.4f}")
         save()
 

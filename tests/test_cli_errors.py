@@ -361,3 +361,18 @@ def test_verbose_shows_the_traceback_of_an_input_error(files, model_name, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback (most recent call last):" in err
     assert err[-1].startswith("transnext eval: error: ") and "is not a checkpoint file" in err[-1]
+
+
+def test_missing_optional_package_is_one_line(tmp_path, monkeypatch, capsys):
+    """A job whose optional dependency is not installed names the package and the extra
+    that installs it, instead of an internal-error traceback."""
+    import sys
+
+    from transnext.cli import main
+    monkeypatch.setitem(sys.modules, "pycocotools", None)  # import fails as if absent
+    monkeypatch.setitem(sys.modules, "pycocotools.mask", None)
+    rc = main(["det", "make-mosaics", "--output", str(tmp_path / "m"), "--train", "1",
+               "--val", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "pycocotools" in err and "transnext-pytorch[dense]" in err and "Traceback" not in err

@@ -328,6 +328,12 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+# optional dependencies -> the extra that installs them (pyproject.toml)
+OPTIONAL_PACKAGES = {"pycocotools": "dense", "transformers": "dense", "scipy": "dense",
+                     "onnx": "export", "onnxruntime": "export", "onnxscript": "export",
+                     "matplotlib": "viz"}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -340,6 +346,13 @@ def main(argv=None) -> int:
         args.func(args)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as e:
+        extra = OPTIONAL_PACKAGES.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"{prog}: error: this needs the optional package {e.name.split('.')[0]!r}: "
+              f"pip install 'transnext-pytorch[{extra}]'", file=sys.stderr, flush=True)
+        return 2
     except Exception as e:  # noqa: BLE001 - sorted into input errors and bugs below
         if not _on_purpose(e):
             traceback.print_exc()
