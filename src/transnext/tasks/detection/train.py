@@ -21,7 +21,7 @@ from ...engine.evaluate import autocast
 from ...engine.metrics import MetricLog
 from ...engine.models import unwrap
 from ...engine.train import ThreadProbe, seed_all, set_deterministic
-from ...models import CheckpointError, load_checkpoint
+from ...models import CheckpointError, apply_checkpoint
 from ..common.schedule import TimeBudget, warmup_factor
 from ..segmentation.convert import head_kind, read_any, state_dict_of
 from . import recipes
@@ -58,6 +58,14 @@ def build_config(args, num_classes: int) -> dict:
         rpn_post_nms_top_n_test=args.rpn_post_nms_test, box_detections_per_img=args.detections)
 
 
+def _released_kind(obj: dict, path) -> str | None:
+    """The head of a released (mmdet/mmseg) file, None for anything else."""
+    try:
+        return head_kind(state_dict_of(obj, path))
+    except CheckpointError:  # e.g. a training checkpoint: weights under "model"
+        return None
+
+
 def _load_pretrained(model, path: str, cfg: dict) -> None:
     """An ImageNet backbone checkpoint, a released Mask R-CNN ``.pth`` or a ``det train``
     checkpoint of the same model (variant and class count)."""
@@ -77,13 +85,10 @@ def _load_pretrained(model, path: str, cfg: dict) -> None:
         elif "seg_config" in obj:
             raise UserError(f"--pretrained {path} is {_other_kind(obj)}, not a backbone or "
                             f"Mask R-CNN checkpoint")
-        else:
-            sd = state_dict_of(obj, path) if "state_dict" in obj else None
-            if sd is not None and head_kind(sd) != "no segmentation head (a backbone or " \
-                                                   "classification checkpoint)":
-                load_maskrcnn_state(model, sd, f"--pretrained {path}")
-            else:
-                load_checkpoint(model.backbone.body, path)
+        elif _released_kind(obj, path) == "Mask R-CNN":
+            load_maskrcnn_state(model, state_dict_of(obj, path), f"--pretrained {path}")
+        else:  # an ImageNet (or another dense task's) backbone: the package's loader
+            apply_checkpoint(model.backbone.body, obj, f"--pretrained {path}")
     except CheckpointError as e:
         raise UserError(str(e)) from None
     log.info("loaded pretrained weights from %s", path)
@@ -98,7 +103,7 @@ def train(args) -> dict:
         cleanup()
 
 
-def _datasets(args, main: bool):
+def _datasets(args):
     train_ann, train_img = resolve_coco(args.data_dir, "train", args.train_ann, args.train_images)
     flip = RandomHorizontalFlip(args.flip, seed=args.seed)
     train_ds = CocoDetection(train_ann, train_img, train=True, transform=flip)
@@ -124,11 +129,7 @@ def _datasets(args, main: bool):
         train_ds.check_images(workers=max(2, args.workers))
         if val_ds is not None:
             val_ds.check_images(workers=max(2, args.workers))
-    if main:
-        for ds in (train_ds, val_ds):
-            if ds is not None and ds.report.summary():
-                print(ds.report.summary(), flush=True)
-    return train_ds, val_ds, flip
+    return train_ds, val_ds, flip  # what loading skipped was logged (one line per json)
 
 
 def _batches(ds, flip, sampler, args, start_it, per_epoch, device):
@@ -170,7 +171,7 @@ def _train(args, dist) -> dict:
                             f"train` (use --pretrained to start from weights)")
     if args.threads and args.threads != "auto":
         torch.set_num_threads(int(args.threads))
-    train_ds, val_ds, flip = _datasets(args, main)
+    train_ds, val_ds, flip = _datasets(args)
     num_classes = train_ds.num_classes
     cfg = build_config(args, num_classes)
     if resume_obj is not None and resume_obj[CONFIG_KEY] != cfg:
