@@ -9,6 +9,8 @@ What it measures, all on one machine in one call (README, "Multi-GPU"):
   Scaling efficiency = img/s on n / (n x img/s on 1).
 * resume: on n_max GPUs with ``--deterministic``, a run stopped after one epoch and
   resumed, against the same run uninterrupted: the final weights must be equal.
+* first step: the first update's loss and all-reduced gradients on 1 GPU at batch
+  n_max * b against n_max GPUs at batch b (fp32, no stochastic depth).
 * evaluation: ``transnext eval`` of the n_max checkpoint on 1 process and on n_max.
 * segmentation (``--seg``): ``transnext seg train`` (UperNet, SyncBN) on 1 GPU at batch
   2b and on 2 GPUs at batch b: the first iterations' losses (means over all ranks).
@@ -146,6 +148,35 @@ def resume(a, data: Path, work: Path) -> dict:
             "loss_resumed": [m["train_loss"] for m in _metrics(work / "stopped")]}
 
 
+def first_step(a, data: Path, work: Path) -> dict:
+    """The first update's global loss and all-reduced gradients: 1 GPU at batch
+    n_max * b against n_max GPUs at batch b (fp32, no stochastic depth)."""
+    n = max(a.gpus)
+    dumps = {}
+    for k, b in ((1, n * a.batch_size), (n, a.batch_size)):
+        dumps[k] = work / f"first_{k}.pt"
+        _launch(k, ["train", "--model", a.model, "--data-dir", str(data), "--epochs", "1",
+                    "--batch-size", str(b), "--amp", "none", "--workers", str(a.workers),
+                    "--no-repeated-aug", "--no-ema", "--input-size", "224", "--drop-path", "0",
+                    "--seed", "2", "--no-progress", "--no-tensorboard", "--stop-after-epochs",
+                    "1", "--output", str(work / f"first_{k}"), "--debug-first-step",
+                    str(dumps[k])], work / f"first_{k}.log")
+    one, many = (torch.load(dumps[k], weights_only=True) for k in (1, n))
+    g1, g2 = one["grads"], many["grads"]
+    total = torch.cat([g.flatten() for g in g1.values()])
+    diff = torch.cat([(g1[k] - g2[k]).flatten() for k in g1])
+    # per tensor, leaving out gradients that are ~0 by symmetry (e.g. a bias added to every
+    # logit of a softmax), whose relative error is noise over noise
+    big = max(g.norm().item() for g in g1.values())
+    rel = {k: ((g1[k] - g2[k]).norm() / g1[k].norm()).item() for k in g1
+           if g1[k].norm().item() > 1e-4 * big}
+    worst = max(rel, key=rel.get)
+    return {"gpus": n, "loss_1": one["loss"], f"loss_{n}": many["loss"],
+            "count": [one["count"], many["count"]], "params_compared": len(rel),
+            "params": len(g1), "grad_rel_err_all": (diff.norm() / total.norm()).item(),
+            "grad_rel_err_max": rel[worst], "grad_rel_err_worst_param": worst}
+
+
 def evaluation(a, data: Path, work: Path) -> dict:
     n = max(a.gpus)
     ck = work / f"scale_{n}" / "last.pth"
@@ -196,8 +227,9 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=256, help="side of the written JPEGs")
     p.add_argument("--workers", type=int, default=8, help="loader workers per process")
     p.add_argument("--compile-mode", default=None)
-    p.add_argument("--parts", nargs="+", default=["scaling", "resume", "eval", "seg"],
-                   choices=["scaling", "resume", "eval", "seg"])
+    p.add_argument("--parts", nargs="+", default=["scaling", "first-step", "resume", "eval",
+                                                  "seg"],
+                   choices=["scaling", "first-step", "resume", "eval", "seg"])
     p.add_argument("--seg-batch", type=int, default=4, help="per GPU on 2 GPUs")
     p.add_argument("--seg-iters", type=int, default=20)
     p.add_argument("--seg-model", default="transnext_tiny")
@@ -209,6 +241,10 @@ def main(argv=None):
     res = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "gpus_visible": torch.cuda.device_count(), "torch": torch.__version__,
            "model": a.model, "compile_mode": a.compile_mode}
+    def save():  # after every part: a run cut short keeps what it measured
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=1))
+
     t = time.time()
     data = make_imagefolder(a.fmnist, work / "fmnist_jpg", a.train_images, a.val_images,
                             a.image_size)
@@ -221,25 +257,35 @@ def main(argv=None):
             print(f"| {r['gpus']} | {r['per_gpu_batch']} | {r['accum']} | {r['img_per_s']:.0f} | "
                   f"{r['efficiency']:.3f} | {' '.join(f'{x:.3f}' for x in r['loss'])} | "
                   f"{' '.join(f'{x:.2f}' for x in r['val_top1'] if x is not None)} |", flush=True)
+        save()
+    small = make_imagefolder(a.fmnist, work / "fmnist_small", 20 * a.batch_size * max(a.gpus),
+                             1000, a.image_size)
+    if "first-step" in a.parts:
+        res["first_step"] = f = first_step(a, small, work)
+        print(f"\nfirst step, 1 GPU at batch {max(a.gpus) * a.batch_size} vs {f['gpus']} GPUs at "
+              f"batch {a.batch_size}: loss {f['loss_1']:.6f} vs {f['loss_' + str(f['gpus'])]:.6f}, "
+              f"gradient relative error {f['grad_rel_err_all']:.2e} (all), max per tensor "
+              f"{f['grad_rel_err_max']:.2e} ({f['grad_rel_err_worst_param']}; "
+              f"{f['params_compared']} of {f['params']} tensors)", flush=True)
+        save()
     if "resume" in a.parts:
-        small = make_imagefolder(a.fmnist, work / "fmnist_small", 20 * a.batch_size * max(a.gpus),
-                                 1000, a.image_size)
         res["resume"] = r = resume(a, small, work)
         print(f"\nresume on {r['gpus']} GPUs: weights equal {r['equal']} (max abs diff "
               f"{r['max_abs_diff']:.3g}); losses {r['loss_straight']} vs {r['loss_resumed']}",
               flush=True)
+        save()
     if "eval" in a.parts and "scaling" in a.parts:
         res["eval"] = e = evaluation(a, data, work)
         print("\neval: " + ", ".join(f"{k} process(es) top-1 {v['rows'][0]['top1']:.3f} "
                                      f"({v['rows'][0].get('count', '?')} images)"
                                      for k, v in e.items()), flush=True)
+        save()
     if "seg" in a.parts:
         res["seg"] = s = segmentation(a, work)
         print("\nseg train loss per iteration (1 GPU at batch 2b | 2 GPUs at batch b):")
         for i, (x, y) in enumerate(zip(s["1"]["loss"], s["2"]["loss"])):
             print(f"  iter {i + 1}: {x:.4f} | {y:.4f}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
+        save()
 
 
 if __name__ == "__main__":

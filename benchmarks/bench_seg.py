@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,6 +24,9 @@ from transformers import TimmBackboneConfig, UperNetConfig  # noqa: E402
 from transnext.tasks.segmentation.inference import slide  # noqa: E402
 from transnext.tasks.segmentation.model import TransNeXtUperNet, build_upernet  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import table, timed  # noqa: E402
+
 
 def make(name: str):
     if name.startswith("transnext"):
@@ -32,26 +34,6 @@ def make(name: str):
     cfg = UperNetConfig(backbone_config=TimmBackboneConfig(backbone=name, out_indices=[0, 1, 2, 3]),
                         num_labels=150, hidden_size=512, auxiliary_channels=256)
     return TransNeXtUperNet(cfg)
-
-
-def timed(step, iters, repeats, device):
-    out = []
-    for _ in range(repeats):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(iters):
-                step()
-            b.record()
-            torch.cuda.synchronize()
-            out.append(a.elapsed_time(b) / 1000 / iters)
-        else:
-            import time
-            t = time.perf_counter()
-            for _ in range(iters):
-                step()
-            out.append((time.perf_counter() - t) / iters)
-    return statistics.median(out)
 
 
 def bench(name, args, device):
@@ -119,8 +101,11 @@ def main():
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "compile": args.compile, "batch": args.batch}
-    for r in rows:
-        print(json.dumps(r))
+    print(f"UperNet, {meta['device']}, torch {meta['torch']}, batch {args.batch} at 512x512, bf16")
+    print(table(rows, [("model", "backbone", "s"), ("train_ms_step", "train ms/step", ".1f"),
+                       ("train_img_s", "train img/s", ".1f"), ("train_ratio", "train ratio", ".2f"),
+                       ("train_peak_GiB", "train peak GiB", ".2f"),
+                       ("slide_ms_img", "slide ms/img", ".1f"), ("slide_ratio", "slide ratio", ".2f")]))
     if args.out:
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

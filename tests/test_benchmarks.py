@@ -90,3 +90,21 @@ def test_bench_dense_rows_modes_and_ratio(tmp_path):
     base = rows["convnext_tiny"]["ms_per_step"]
     line = next(x for x in stdout.splitlines() if x.startswith("| transnext_micro[extrap]"))
     assert f"{base / rows['transnext_micro[extrap]']['ms_per_step']:.2f}x" in line
+
+
+def test_bench_det_and_seg_write_rows_and_ratios(tmp_path):
+    """The dense benchmarks (Mask R-CNN, UperNet) run both backbones under one head and
+    report TransNeXt's ratio to the last model of the run."""
+    for script, extra in (("bench_det.py", ["--size", "96", "128", "--instances", "2"]),
+                          ("bench_seg.py", ["--batch", "2"])):
+        out = tmp_path / f"{script}.json"
+        stdout = _run([f"benchmarks/{script}", "--device", "cpu", "--models", "transnext_micro",
+                       "convnext_atto", "--iters", "1", "--repeats", "1", "--warmup", "1",
+                       *extra, "--out", str(out)])
+        rows = json.loads(out.read_text())["rows"]
+        assert [r["model"] for r in rows] == ["transnext_micro", "convnext_atto"]
+        key = "train_img_s" if "train_img_s" in rows[1] else None
+        ratio = rows[0]["train_ratio"]
+        assert ratio > 0 and key and abs(ratio - rows[0][key] / rows[1][key]) < 1e-9
+        line = next(x for x in stdout.splitlines() if x.startswith("| transnext_micro"))
+        assert f"{ratio:.2f}" in line

@@ -110,3 +110,25 @@ def test_mask2former_train_and_eval(tmp_path):
     assert sorted({g["initial_lr"] for g in groups}) == pytest.approx([1e-5, 1e-4])
     assert main(["seg", "eval", "--checkpoint", str(out / "last.pth"), "--data-dir", str(data),
                  "--workers", "0", "--json", str(tmp_path / "e.json")]) == 0
+
+
+def test_pixel_decoder_runs_the_package_deformable_attention():
+    """The six pixel-decoder attention layers are the package's op (one implementation for
+    Mask2Former and DINO), under transformers' parameter names: the same state dict loads
+    into transformers' own model, whose outputs (grid_sample per level) agree."""
+    from transformers import Mask2FormerForUniversalSegmentation
+    from transformers.models.mask2former import modeling_mask2former as hf
+
+    from transnext.tasks.segmentation.mask2former import PixelDecoderAttention
+    torch.manual_seed(0)
+    ours = build_mask2former("transnext_micro", 5, img_size=64).eval()
+    assert sum(isinstance(m, PixelDecoderAttention) for m in ours.modules()) == 6
+    assert not any(isinstance(m, hf.Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention)
+                   for m in ours.modules())
+    theirs = Mask2FormerForUniversalSegmentation(ours.config).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        a, b = ours(pixel_values=x), theirs(pixel_values=x)
+    torch.testing.assert_close(a.masks_queries_logits, b.masks_queries_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.class_queries_logits, b.class_queries_logits, atol=1e-4, rtol=1e-4)

@@ -14,6 +14,11 @@ checkpoint's output, so it is replaced here (``semantic_logits``):
 The scores are mmseg's: softmax class scores without the void class, times sigmoid
 masks, summed over queries (``einsum('bqc,bqhw->bchw')``); they are probabilities-like
 already, so the inference helpers do not softmax them again.
+
+The pixel decoder's deformable attention runs on the package's op
+(``ops.ms_deform_attn``: fused Triton on CUDA, the plain PyTorch reference elsewhere),
+the same one DINO uses; transformers' own is a per-level ``grid_sample`` loop. The
+parameters keep transformers' names, so checkpoints load unchanged.
 """
 from __future__ import annotations
 
@@ -21,15 +26,44 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+from transformers.models.mask2former import modeling_mask2former as hf_m2f
 
+from ...ops.msda import MultiScaleDeformableAttention
 from ..common.backbone import TransNeXtBackboneConfig
 
 SIZE_DIVISOR = 32
 
 
+class PixelDecoderAttention(MultiScaleDeformableAttention):
+    """transformers' pixel-decoder attention call signature on the package's layer."""
+
+    @classmethod
+    def replacing(cls, m: nn.Module) -> "PixelDecoderAttention":
+        new = cls(m.d_model, m.n_heads, m.n_levels, m.n_points)
+        new.load_state_dict(m.state_dict())
+        return new.to(m.value_proj.weight)
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, position_embeddings=None, reference_points=None,
+                spatial_shapes_list=None, level_start_index=None, output_attentions=False):
+        query = hidden_states if position_embeddings is None else hidden_states + position_embeddings
+        out = super().forward(query, reference_points, encoder_hidden_states,
+                              spatial_shapes_list, level_start_index,
+                              key_padding_mask=attention_mask)
+        return out, None  # the weights are not kept (output_attentions gets None)
+
+
 class TransNeXtMask2Former(Mask2FormerForUniversalSegmentation):
     outputs_scores = True  # semantic_logits returns mmseg's mask-classification scores
+
+    def __init__(self, config: Mask2FormerConfig):
+        super().__init__(config)
+        for parent in list(self.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, hf_m2f.Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):
+                    setattr(parent, name, PixelDecoderAttention.replacing(child))
 
     def semantic_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, num_labels, H, W) scores as mmseg 1.0's Mask2Former (see module doc)."""

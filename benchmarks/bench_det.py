@@ -1,0 +1,148 @@
+"""Mask R-CNN training step and inference: TransNeXt-T against ConvNeXt-T (timm,
+features_only) under the same detector (``tasks.detection.build_maskrcnn``: mmdet's
+FPN, RPN, RoI heads and transform), one run.
+
+    python benchmarks/bench_det.py --out benchmarks/results/det_h100.json
+
+Training: batch 2 at 1333x800 (the 1x recipe's per-GPU batch), 12 instances per
+image with masks, bf16 autocast, forward + backward + AdamW step. Inference: one
+800x1333 image at a time (as mmdet tests), bf16, boxes and pasted masks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import table, timed  # noqa: E402
+
+from transnext.tasks.detection.maskrcnn import build_maskrcnn, mmdet_init_  # noqa: E402
+
+
+class TimmFPN(nn.Module):
+    """A timm features_only body under the same FPN as TransNeXtFPN."""
+
+    def __init__(self, name: str, out_channels: int = 256):
+        super().__init__()
+        import timm
+        from torchvision.ops import FeaturePyramidNetwork
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+        self.body = timm.create_model(name, features_only=True, out_indices=(0, 1, 2, 3))
+        self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), out_channels,
+                                         extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x):
+        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(self.body(x))))
+
+
+def make(name: str, h: int, w: int):
+    # the transform keeps the benchmark's size (the 1x recipe's 800/1333 by default)
+    net = build_maskrcnn("transnext_tiny" if not name.startswith("transnext") else name, 80,
+                         min_size=min(h, w), max_size=max(h, w))
+    if not name.startswith("transnext"):
+        net.backbone = TimmFPN(name)
+        mmdet_init_(net)
+    return net
+
+
+def targets(n_img: int, h: int, w: int, n: int, device, gen):
+    out = []
+    for _ in range(n_img):
+        wh = torch.rand(n, 2, generator=gen) * torch.tensor([w / 3, h / 3]) + 16
+        xy = torch.rand(n, 2, generator=gen) * (torch.tensor([w, h]) - wh)
+        boxes = torch.cat([xy, xy + wh], 1)
+        masks = torch.zeros(n, h, w, dtype=torch.uint8)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.round().int().tolist()):
+            masks[i, y0:y1, x0 + (x1 - x0) // 4:x1] = 1  # not the whole box
+        out.append({"boxes": boxes.to(device), "labels": torch.randint(1, 81, (n,), generator=gen)
+                    .to(device), "masks": masks.to(device)})
+    return out
+
+
+def bench(name, args, device):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    h, w = args.size
+    model = make(name, h, w).to(device)
+    res = {"model": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    imgs = [torch.rand(3, h, w, generator=gen).to(device) for _ in range(args.batch)]
+    tg = targets(args.batch, h, w, args.instances, device, gen)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
+                            fused=device == "cuda")
+    model.train()
+
+    def train_step():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = sum(model(imgs, tg).values())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        train_step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    s = timed(train_step, args.iters, args.repeats, device)
+    res.update(train_ms_step=s * 1000, train_img_s=args.batch / s)
+    if device == "cuda":
+        res["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    del opt
+    model.eval()
+    one = [imgs[0]]
+
+    @torch.no_grad()
+    def infer():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            model(one)
+
+    for _ in range(args.warmup):
+        infer()
+    s = timed(infer, args.iters, args.repeats, device)
+    res.update(infer_ms_img=s * 1000, infer_img_s=1 / s)
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["transnext_tiny", "convnext_tiny"],
+                   help="the last one is the baseline of the ratios")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
+    p.add_argument("--instances", type=int, default=12)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    rows = [bench(m, args, args.device) for m in args.models]
+    base = rows[-1]
+    for r in rows[:-1]:
+        r["train_ratio"] = r["train_img_s"] / base["train_img_s"]
+        r["infer_ratio"] = r["infer_img_s"] / base["infer_img_s"]
+    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda"
+            else platform.processor(), "torch": torch.__version__, "batch": args.batch,
+            "size": args.size, "instances": args.instances}
+    print(f"Mask R-CNN, {meta['device']}, torch {meta['torch']}, batch {args.batch} at "
+          f"{args.size[0]}x{args.size[1]}, bf16")
+    print(table(rows, [("model", "backbone", "s"), ("train_ms_step", "train ms/step", ".1f"),
+                       ("train_ratio", "train ratio", ".2f"),
+                       ("train_peak_GiB", "train peak GiB", ".2f"),
+                       ("infer_ms_img", "infer ms/img", ".1f"),
+                       ("infer_ratio", "infer ratio", ".2f")]))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
