@@ -33,6 +33,7 @@ from .maskrcnn import param_groups
 from .sampler import GroupedBatchSampler
 
 log = logging.getLogger("transnext.det.train")
+REPROBE_EVERY = 250  # iterations between --threads auto decisions
 
 
 def lr_factor(it: int, epoch_progress: float, steps, warmup: int, warmup_ratio: float,
@@ -232,7 +233,7 @@ def _train(args, dist) -> dict:
     if dist.distributed:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    probe = None
+    probe, probe_from, many = None, start_it, torch.get_num_threads()
     if args.threads == "auto" and device.type == "cpu":
         probe = ThreadProbe(total - start_it, dist)  # N threads vs 1, keep the faster
 
@@ -291,7 +292,10 @@ def _train(args, dist) -> dict:
             vals = [losses[k].item() for k in loss_names]
             sums += torch.tensor([*vals, sum(vals), 1.0], dtype=torch.float64)
             if probe is not None:
-                probe.after_batch(it - start_it - 1)
+                probe.after_batch(it - probe_from - 1)
+                if probe.done and it - probe_from >= REPROBE_EVERY and it < total:
+                    # a shared CPU changes under a long run: decide again now and then
+                    probe, probe_from = ThreadProbe(total - it, dist, many=many, start=1), it
             if budget is not None and it < total and budget.progress(it, total, device) >= 1.0:
                 total = it  # the time budget is spent: this was the last iteration
                 if main:
