@@ -228,7 +228,7 @@ def _train(args, dist) -> dict:
                      start_it // per_epoch + 1)
         del resume_obj
     if args.compile:
-        model.backbone.body.compile()  # in place: parameter names stay the same
+        model.backbone.compile()  # TransNeXt + FPN, in place: parameter names stay the same
     net = model
     if dist.distributed:
         net = nn.parallel.DistributedDataParallel(
