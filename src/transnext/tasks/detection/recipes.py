@@ -29,10 +29,9 @@ RECIPES = {
     # the clock; 45 s kept for evaluating the 500 held-out mosaics). Narrow heads (FPN and
     # mask convs 32 channels, FCs 256) and fewer sampled anchors and RoIs (128 and 64 per
     # image): on the CPU the heads, not the backbone, are most of a step (RoIAlign's
-    # backward, the mask convs), so the released widths run 2-3x fewer iterations in the
-    # budget; anchors 4 x stride (16-256 px) fit the items. Measured here (2-core CPU
-    # shared with another job, 1 thread): 44.9 box AP / 41.9 mask AP against 32.7 / 33.7
-    # with FPN and mask convs 64 and 128 RoIs (fewer iterations in the same budget).
+    # backward, the mask convs), so wider heads run fewer iterations in the
+    # budget; anchors 4 x stride (16-256 px) fit the items. Measured results: README,
+    # "Detection", demo.
     "maskrcnn-fmnist": dict(
         arch="mask-rcnn", model="transnext_femto", epochs=12, batch_size=8, min_size=128,
         max_size=128, lr=1e-3, weight_decay=0.05, warmup_iters=100, warmup_ratio=0.001,
