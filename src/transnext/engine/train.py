@@ -358,11 +358,13 @@ class TimeBudget:
 class ThreadProbe:
     """--threads auto on CPU: time a few batches with all intra-op threads, then a few
     with one, keep the faster. On a shared or oversubscribed machine one thread can be
-    several times faster than two (OpenMP barriers wait on a busy core)."""
+    several times faster than two (OpenMP barriers wait on a busy core). ``many``: the
+    thread count to try (default: the current one); ``start``: the batch (1 or more)
+    the timing begins after (default: a few batches in, past the first-call costs)."""
 
-    def __init__(self, n_batches: int, dist):
-        self.many = torch.get_num_threads()
-        self.start = min(8, max(1, n_batches // 20))
+    def __init__(self, n_batches: int, dist, many: int | None = None, start: int | None = None):
+        self.many = many or torch.get_num_threads()
+        self.start = start if start is not None else min(8, max(1, n_batches // 20))
         self.k = 6
         self.times: list[float] = []
         self.t = None

@@ -188,7 +188,7 @@ def _check_train(args) -> None:
     if list(args.steps) != sorted(args.steps):
         raise UsageError(f"--steps {' '.join(map(str, args.steps))}: give them in "
                          f"increasing order")
-    if args.img_size is not None and args.pos_bias == "extrapolate":
+    if "img_size" in given and args.pos_bias == "extrapolate":
         raise UsageError("--img-size sets interpolate mode's bias size; it has no effect with "
                          "--pos-bias extrapolate")
     if "eval_reserve" in given and not args.time_budget:

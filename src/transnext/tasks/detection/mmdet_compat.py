@@ -21,6 +21,11 @@ outputs) are handled by the converter (``convert.py``), not here.
 * ``MMDetRoIHeads``: test-time boxes rescaled to the original image before the
   class-wise NMS, no small-box removal, mask RoIs and ``_do_paste_mask``-style pasting;
   training with the L1 box loss and aligned, binarised mask targets.
+
+Under AMP (bf16/fp16 autocast) the box arithmetic stays in float32, as mmdet's
+``force_fp32`` keeps it: box decoding, RoI extraction (features cast up, results cast
+back), proposal and detection scores, mask probabilities and the losses. In half
+precision a box coordinate near 800 px would be rounded to 4 px.
 """
 from __future__ import annotations
 
@@ -42,6 +47,11 @@ MEAN_255 = (123.675, 116.28, 103.53)
 STD_255 = (58.395, 57.12, 57.375)
 # abs(log(16 / 1000)): delta2bbox's wh_ratio_clip
 _MAX_RATIO = abs(math.log(16 / 1000))
+
+
+def _f32(t: Tensor) -> Tensor:
+    """Half-precision tensors (autocast's outputs) as float32; others unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 # ---- image geometry ----------------------------------------------------------------
@@ -189,6 +199,7 @@ class MMDetBoxCoder(BoxCoder):
 
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
         n = boxes.shape[0]
+        rel_codes = _f32(rel_codes)  # float32 under AMP too
         boxes = boxes.to(rel_codes.dtype)
         d = rel_codes.reshape(n, -1, 4) * rel_codes.new_tensor(self.stds)
         pxy = ((boxes[:, :2] + boxes[:, 2:]) * 0.5)[:, None]
@@ -280,13 +291,15 @@ class MMDetRoIAlign(MultiScaleRoIAlign):
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes=None) -> Tensor:
         feats = [x[k] for k in self.featmap_names]
-        rois = boxes_to_rois([b.to(feats[0].dtype) for b in boxes])
+        rois = boxes_to_rois([_f32(b) for b in boxes])  # float32 under AMP too
         levels = map_roi_levels(rois[:, 1:], len(feats), self.finest_scale)
         out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], *self.output_size))
         for lvl, (feat, stride) in enumerate(zip(feats, self.strides)):
             idx = torch.where(levels == lvl)[0]
             if idx.numel():
-                out[idx] = roi_align(feat, rois[idx], self.output_size, spatial_scale=1.0 / stride,
+                f = _f32(feat)
+                out[idx] = roi_align(f, rois[idx].to(f.dtype), self.output_size,
+                                     spatial_scale=1.0 / stride,
                                      sampling_ratio=0, aligned=True).to(out.dtype)
         return out
 
@@ -358,7 +371,7 @@ class MMDetRPN(RegionProposalNetwork):
 
     def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
         n_img = proposals.shape[0]
-        scores_all = objectness.detach().reshape(n_img, -1).sigmoid()
+        scores_all = _f32(objectness.detach()).reshape(n_img, -1).sigmoid()
         pre = self.pre_nms_top_n()
         boxes_out, scores_out = [], []
         for i in range(n_img):
@@ -385,6 +398,7 @@ class MMDetRPN(RegionProposalNetwork):
         return boxes_out, scores_out
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        objectness, pred_bbox_deltas = _f32(objectness), _f32(pred_bbox_deltas)
         pos, neg = self.fg_bg_sampler(labels)
         pos = torch.where(torch.cat(pos))[0]
         neg = torch.where(torch.cat(neg))[0]
@@ -430,7 +444,8 @@ class MMDetRoIHeads(RoIHeads):
     # -- inference --
     def box_outputs(self, features, proposals, image_shapes):
         x = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        return self.box_predictor(x)
+        class_logits, box_regression = self.box_predictor(x)
+        return _f32(class_logits), _f32(box_regression)
 
     def detect(self, features, proposals, image_shapes, original_sizes):
         counts = [len(p) for p in proposals]
@@ -464,7 +479,7 @@ class MMDetRoIHeads(RoIHeads):
         x = self.mask_head(self.mask_roi_pool(features, mask_boxes, image_shapes))
         logits = self.mask_predictor(x)
         labels = torch.cat([r["labels"] for r in results])
-        probs = logits[torch.arange(len(labels), device=labels.device), labels].sigmoid()
+        probs = _f32(logits[torch.arange(len(labels), device=labels.device), labels]).sigmoid()
         for r, p, mb, sf, (h, w) in zip(results, probs.split(counts), mask_boxes, factors,
                                         original_sizes):
             r["masks"] = paste_masks(p, mb / sf, h, w)[:, None]
@@ -499,6 +514,6 @@ class MMDetRoIHeads(RoIHeads):
                 tgt = torch.cat([mask_targets(t["masks"], p, m, logits.shape[-1],
                                               self.mask_pad_divisor)
                                  for t, p, m in zip(targets, pos_props, pos_matched) if len(p)])
-                picked = logits[torch.arange(len(lab), device=lab.device), lab]
+                picked = _f32(logits[torch.arange(len(lab), device=lab.device), lab])
                 out["loss_mask"] = F.binary_cross_entropy_with_logits(picked, tgt)
         return out

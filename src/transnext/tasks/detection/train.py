@@ -21,7 +21,7 @@ from ...engine.evaluate import autocast
 from ...engine.metrics import MetricLog
 from ...engine.models import unwrap
 from ...engine.train import ThreadProbe, seed_all, set_deterministic
-from ...models import CheckpointError, load_checkpoint
+from ...models import CheckpointError, apply_checkpoint
 from ..common.schedule import TimeBudget, warmup_factor
 from ..segmentation.convert import head_kind, read_any, state_dict_of
 from . import recipes
@@ -33,6 +33,7 @@ from .maskrcnn import param_groups
 from .sampler import GroupedBatchSampler
 
 log = logging.getLogger("transnext.det.train")
+REPROBE_EVERY = 250  # iterations between --threads auto decisions
 
 
 def lr_factor(it: int, epoch_progress: float, steps, warmup: int, warmup_ratio: float,
@@ -58,6 +59,14 @@ def build_config(args, num_classes: int) -> dict:
         rpn_post_nms_top_n_test=args.rpn_post_nms_test, box_detections_per_img=args.detections)
 
 
+def _released_kind(obj: dict, path) -> str | None:
+    """The head of a released (mmdet/mmseg) file, None for anything else."""
+    try:
+        return head_kind(state_dict_of(obj, path))
+    except CheckpointError:  # e.g. a training checkpoint: weights under "model"
+        return None
+
+
 def _load_pretrained(model, path: str, cfg: dict) -> None:
     """An ImageNet backbone checkpoint, a released Mask R-CNN ``.pth`` or a ``det train``
     checkpoint of the same model (variant and class count)."""
@@ -77,13 +86,10 @@ def _load_pretrained(model, path: str, cfg: dict) -> None:
         elif "seg_config" in obj:
             raise UserError(f"--pretrained {path} is {_other_kind(obj)}, not a backbone or "
                             f"Mask R-CNN checkpoint")
-        else:
-            sd = state_dict_of(obj, path) if "state_dict" in obj else None
-            if sd is not None and head_kind(sd) != "no segmentation head (a backbone or " \
-                                                   "classification checkpoint)":
-                load_maskrcnn_state(model, sd, f"--pretrained {path}")
-            else:
-                load_checkpoint(model.backbone.body, path)
+        elif _released_kind(obj, path) == "Mask R-CNN":
+            load_maskrcnn_state(model, state_dict_of(obj, path), f"--pretrained {path}")
+        else:  # an ImageNet (or another dense task's) backbone: the package's loader
+            apply_checkpoint(model.backbone.body, obj, f"--pretrained {path}")
     except CheckpointError as e:
         raise UserError(str(e)) from None
     log.info("loaded pretrained weights from %s", path)
@@ -98,7 +104,7 @@ def train(args) -> dict:
         cleanup()
 
 
-def _datasets(args, main: bool):
+def _datasets(args):
     train_ann, train_img = resolve_coco(args.data_dir, "train", args.train_ann, args.train_images)
     flip = RandomHorizontalFlip(args.flip, seed=args.seed)
     train_ds = CocoDetection(train_ann, train_img, train=True, transform=flip)
@@ -124,11 +130,7 @@ def _datasets(args, main: bool):
         train_ds.check_images(workers=max(2, args.workers))
         if val_ds is not None:
             val_ds.check_images(workers=max(2, args.workers))
-    if main:
-        for ds in (train_ds, val_ds):
-            if ds is not None and ds.report.summary():
-                print(ds.report.summary(), flush=True)
-    return train_ds, val_ds, flip
+    return train_ds, val_ds, flip  # what loading skipped was logged (one line per json)
 
 
 def _batches(ds, flip, sampler, args, start_it, per_epoch, device):
@@ -170,7 +172,7 @@ def _train(args, dist) -> dict:
                             f"train` (use --pretrained to start from weights)")
     if args.threads and args.threads != "auto":
         torch.set_num_threads(int(args.threads))
-    train_ds, val_ds, flip = _datasets(args, main)
+    train_ds, val_ds, flip = _datasets(args)
     num_classes = train_ds.num_classes
     cfg = build_config(args, num_classes)
     if resume_obj is not None and resume_obj[CONFIG_KEY] != cfg:
@@ -226,12 +228,12 @@ def _train(args, dist) -> dict:
                      start_it // per_epoch + 1)
         del resume_obj
     if args.compile:
-        model.backbone.body.compile()  # in place: parameter names stay the same
+        model.backbone.compile()  # TransNeXt + FPN, in place: parameter names stay the same
     net = model
     if dist.distributed:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    probe = None
+    probe, probe_from, many = None, start_it, torch.get_num_threads()
     if args.threads == "auto" and device.type == "cpu":
         probe = ThreadProbe(total - start_it, dist)  # N threads vs 1, keep the faster
 
@@ -290,7 +292,10 @@ def _train(args, dist) -> dict:
             vals = [losses[k].item() for k in loss_names]
             sums += torch.tensor([*vals, sum(vals), 1.0], dtype=torch.float64)
             if probe is not None:
-                probe.after_batch(it - start_it - 1)
+                probe.after_batch(it - probe_from - 1)
+                if probe.done and it - probe_from >= REPROBE_EVERY and it < total:
+                    # a shared CPU changes under a long run: decide again now and then
+                    probe, probe_from = ThreadProbe(total - it, dist, many=many, start=1), it
             if budget is not None and it < total and budget.progress(it, total, device) >= 1.0:
                 total = it  # the time budget is spent: this was the last iteration
                 if main:
