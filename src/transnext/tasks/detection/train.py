@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from ...engine import checkpointing as ckpt
-from ...engine.distributed import (all_gather_object, all_reduce_sum, barrier, cleanup,
-                                   init_distributed)
+from ...engine.distributed import all_reduce_sum, cleanup, init_distributed
 from ...engine.errors import UserError
 from ...engine.evaluate import autocast
 from ...engine.metrics import MetricLog
 from ...engine.models import unwrap
 from ...engine.train import ThreadProbe, seed_all, set_deterministic
 from ...models import CheckpointError, apply_checkpoint
+from ..common.checkpoints import save_last_and_best, say_interrupted
 from ..common.schedule import TimeBudget, warmup_factor
 from ..segmentation.convert import head_kind, read_any, state_dict_of
 from . import recipes
@@ -340,24 +340,16 @@ def _train(args, dist) -> dict:
                               f"{res['segm']['AP']:.1f} (AP50 {res['segm']['AP50']:.1f})",
                               flush=True)
                     net.train()
-                rng_all = all_gather_object(ckpt.rng_state())
-                if main:
-                    state = _state(args, model, cfg, train_ds, optimizer, scaler, it, per_epoch,
-                                   best, rng_all, row,
-                                   budget.elapsed() if budget is not None else 0.0)
-                    ckpt.save_atomic(state, out / "last.pth")
-                    if is_best:
-                        ckpt.save_atomic(state, out / "best.pth")
-                barrier()
+                elapsed = budget.elapsed() if budget is not None else 0.0
+                save_last_and_best(out, lambda rng: _state(
+                    args, model, cfg, train_ds, optimizer, scaler, it, per_epoch, best, rng, row,
+                    elapsed), is_best, main)
             if row is not None and main:
                 mlog.log(row)
             if args.stop_after_iters and it - start_it >= args.stop_after_iters:
                 break
     except KeyboardInterrupt:
-        if main:
-            last = out / "last.pth"
-            print(f"\ninterrupted at iteration {it}; " + (f"resume with --resume {last}"
-                  if last.exists() else "no checkpoint yet"), file=sys.stderr, flush=True)
+        say_interrupted(out, it, main)
         raise
     finally:
         if bar is not None:

@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from ...engine import checkpointing as ckpt
-from ...engine.distributed import (all_gather_object, all_reduce_sum, barrier, cleanup,
-                                   init_distributed)
+from ...engine.distributed import all_reduce_sum, cleanup, init_distributed
 from ...engine.errors import UserError
 from ...engine.evaluate import autocast
 from ...engine.metrics import MetricLog
 from ...engine.models import unwrap
 from ...engine.train import ThreadProbe, seed_all, set_deterministic
 from ...models import CheckpointError, apply_checkpoint
+from ..common.checkpoints import save_last_and_best, say_interrupted
 from ..common.schedule import TimeBudget, warmup_factor
 from . import recipes
 from .convert import (head_kind, load_mask2former_state, load_upernet_state, read_any,
@@ -342,23 +342,15 @@ def _train(args, dist) -> dict:
                         print(f"iter {it}/{args.iters}: val mIoU {res['mIoU']:.2f} mAcc "
                               f"{res['mAcc']:.2f} aAcc {res['aAcc']:.2f}", flush=True)
                     net.train()
-                rng_all = all_gather_object(ckpt.rng_state())
-                if main:
-                    state = _state(args, model, optimizer, scaler, it, best, rng_all, row,
-                                   budget.elapsed() if budget is not None else 0.0)
-                    ckpt.save_atomic(state, out / "last.pth")
-                    if is_best:
-                        ckpt.save_atomic(state, out / "best.pth")
-                barrier()
+                elapsed = budget.elapsed() if budget is not None else 0.0
+                save_last_and_best(out, lambda rng: _state(
+                    args, model, optimizer, scaler, it, best, rng, row, elapsed), is_best, main)
             if row is not None and main:
                 mlog.log(row)
             if args.stop_after_iters and it - start_it >= args.stop_after_iters:
                 break
     except KeyboardInterrupt:
-        if main:
-            last = out / "last.pth"
-            print(f"\ninterrupted at iteration {it}; " + (f"resume with --resume {last}"
-                  if last.exists() else "no checkpoint yet"), file=sys.stderr, flush=True)
+        say_interrupted(out, it, main)
         raise
     finally:
         if bar is not None:

@@ -1,0 +1,29 @@
+"""Checkpoint writing shared by the iteration-based dense trainers (seg, det)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ...engine import checkpointing as ckpt
+from ...engine.distributed import all_gather_object, barrier
+
+
+def save_last_and_best(out: Path, make_state, is_best: bool, main: bool) -> None:
+    """Gather every rank's RNG state (exact resume restores each rank's own), then rank 0
+    writes ``last.pth`` (and ``best.pth``) atomically from ``make_state(rng_all)``; every
+    rank waits for the files."""
+    rng_all = all_gather_object(ckpt.rng_state())
+    if main:
+        state = make_state(rng_all)
+        ckpt.save_atomic(state, out / "last.pth")
+        if is_best:
+            ckpt.save_atomic(state, out / "best.pth")
+    barrier()
+
+
+def say_interrupted(out: Path, it: int, main: bool) -> None:
+    """Ctrl-C: where the run stands and how to go on."""
+    if main:
+        last = out / "last.pth"
+        print(f"\ninterrupted at iteration {it}; " + (f"resume with --resume {last}"
+              if last.exists() else "no checkpoint yet"), file=sys.stderr, flush=True)
