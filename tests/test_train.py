@@ -248,8 +248,10 @@ def test_repeated_augmentation_sampler(tmp_path, model_name, caplog):
     recipes.resolve(args)
     dcfg = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0, "interpolation": "bilinear"}
     train, _, _, _ = build_train_data(args, DistInfo(), dcfg)
-    assert isinstance(train.sampler, RepeatAugSampler) and len(train.sampler) == 256
+    # (the loader's sampler wraps it to hand (epoch, index) pairs to the seeded dataset)
+    assert isinstance(train.sampler.sampler, RepeatAugSampler) and len(train.sampler) == 256
     args.batch_size = 512
     with caplog.at_level(logging.WARNING):
         train, _, _, _ = build_train_data(args, DistInfo(), dcfg)
-    assert not isinstance(train.sampler, RepeatAugSampler) and "repeated augmentation" in caplog.text
+    assert (not isinstance(train.sampler.sampler, RepeatAugSampler)
+            and "repeated augmentation" in caplog.text)

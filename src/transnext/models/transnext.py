@@ -322,7 +322,7 @@ class AggregatedAttention(_PositionBias):
         y = _gelu_fresh(self.act, F.linear(xsr, self.sr.weight.view(C, C), self.sr.bias))
         if isinstance(geo, symbolic_tables.SymbolicGeometry):  # export hook: symbolic size
             pooled = geo.pool(_tokens_to_map(y, H, W))
-        elif y.is_cuda and torch.are_deterministic_algorithms_enabled():
+        elif torch.are_deterministic_algorithms_enabled() and not is_fx_tracing() and y.is_cuda:
             # adaptive_avg_pool2d's CUDA backward uses atomics; the bin matrices do not.
             pooled = symbolic_tables.adaptive_avg_pool(_tokens_to_map(y, H, W), geo.pool_hw)
         else:
