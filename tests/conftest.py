@@ -73,6 +73,21 @@ def subprocess_env() -> dict:
     return env
 
 
+def torchrun(*args) -> list[str]:
+    """``transnext ARGS`` as two local processes under torch.distributed.run (gloo)."""
+    return [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "transnext", *args]
+
+
+def run_ok(cmd):
+    """Run a command from the repo root; fail with the ends of its output unless it exits 0."""
+    import subprocess
+    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, f"STDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-5000:]}"
+    return p
+
+
 @pytest.fixture(scope="session")
 def model_name() -> str:
     """The tiny model the job tests train (TransNeXt-femto)."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PY, REPO, free_port, subprocess_env
+from conftest import PY, REPO, run_ok, subprocess_env, torchrun
 from seg_helpers import random_state, read_layout
 from transnext.cli import main
 
@@ -132,23 +132,11 @@ def test_train_eval_predict_and_exact_resume(mosaics, tmp_path, capsys):
     assert len(res.getAnnIds()) == len(pred)
 
 
-def _torchrun(*args):
-    return [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "transnext", *args]
-
-
-def _run(cmd):
-    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, f"STDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-5000:]}"
-    return p
-
-
 @needs_fmnist
 @pytest.mark.slow
 def test_two_process_gloo_train_and_eval(mosaics, tmp_path):
     out = tmp_path / "ddp"
-    _run(_torchrun(*_train_cmd(mosaics, out, "--epochs", "1", "--batch-size", "1",
+    run_ok(torchrun(*_train_cmd(mosaics, out, "--epochs", "1", "--batch-size", "1",
                                "--threads", "1")))
     ck = torch.load(out / "last.pth", weights_only=True)
     # 8 images over 2 processes, 1 per batch: 4 iterations per epoch
@@ -156,8 +144,8 @@ def test_two_process_gloo_train_and_eval(mosaics, tmp_path):
     assert 0 <= ck["metrics"]["val_bbox_AP"] <= 100
     ev = ["det", "eval", "--checkpoint", str(out / "last.pth"), "--data-dir", str(mosaics),
           "--workers", "0", "--threads", "1"]
-    _run([PY, "-m", "transnext", *ev, "--json", str(tmp_path / "one.json")])
-    _run(_torchrun(*ev, "--json", str(tmp_path / "two.json")))  # 5 images: 3 + 2
+    run_ok([PY, "-m", "transnext", *ev, "--json", str(tmp_path / "one.json")])
+    run_ok(torchrun(*ev, "--json", str(tmp_path / "two.json")))  # 5 images: 3 + 2
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     assert one["images"] == two["images"] == 5 and two["processes"] == 2

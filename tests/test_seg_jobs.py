@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PY, REPO, free_port, subprocess_env
+from conftest import PY, REPO, run_ok, subprocess_env, torchrun
 from transnext.cli import main
 from transnext.data.fashion_mnist import DataError
 from transnext.tasks.segmentation.data import SegDataset, shift_labels
@@ -217,28 +217,16 @@ def test_train_eval_predict_convert_resume(mosaics, tmp_path, capsys):
     assert "cannot resume" in capsys.readouterr().err
 
 
-def _torchrun(*args):
-    return [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "transnext", *args]
-
-
-def _run(cmd):
-    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, f"STDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-5000:]}"
-    return p
-
-
 @needs_fmnist
 @pytest.mark.slow
 def test_two_process_gloo_train_and_eval(mosaics, tmp_path):
     out = tmp_path / "ddp"
-    _run(_torchrun(*_train_cmd(mosaics, out, "--iters", "2", "--batch-size", "2")))
+    run_ok(torchrun(*_train_cmd(mosaics, out, "--iters", "2", "--batch-size", "2")))
     assert torch.load(out / "last.pth", weights_only=True)["iter"] == 2
     ev = ["seg", "eval", "--checkpoint", str(out / "last.pth"), "--data-dir", str(mosaics),
           "--workers", "0"]
-    _run([PY, "-m", "transnext", *ev, "--json", str(tmp_path / "one.json")])
-    _run(_torchrun(*ev, "--json", str(tmp_path / "two.json")))  # 7 images: 4 + 3
+    run_ok([PY, "-m", "transnext", *ev, "--json", str(tmp_path / "one.json")])
+    run_ok(torchrun(*ev, "--json", str(tmp_path / "two.json")))  # 7 images: 4 + 3
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     assert one["pixels"] == two["pixels"] == 7 * 32 * 32

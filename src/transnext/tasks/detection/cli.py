@@ -1,15 +1,14 @@
 """`transnext det train|eval|predict|convert|make-mosaics`: arguments and their checks."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from ...cli_checks import (UsageError, arch_name, below_one, device_name, existing_dir,
                            existing_file, non_negative_float, non_negative_int, output_file,
-                           positive_float, positive_int, probability, threads_value,
-                           writable_dir)
+                           positive_float, positive_int, probability, writable_dir)
+from ..common.cli_flags import add_run_flags
 from .recipes import ARCHS, RECIPES
 
 
@@ -80,19 +79,7 @@ def add_parser(sub) -> None:
     a("--eval-interval", type=positive_int, default=None, help="evaluate every N epochs")
     a("--ckpt-interval", type=positive_int, default=None, metavar="ITERS",
       help="also write last.pth every N iterations (default: each epoch)")
-    a("--log-interval", type=positive_int, default=None)
-    a("--eval-batch-size", type=positive_int, default=None)
-    a("--workers", type=non_negative_int, default=None)
-    a("--threads", type=threads_value, default=None,
-      help="CPU intra-op threads: N, or 'auto' (time N vs 1 early on, keep the faster)")
-    a("--seed", type=non_negative_int, default=None)
-    a("--deterministic", action="store_true")
-    a("--no-verify", action="store_true", help="skip the up-front check of every image file")
-    a("--no-tensorboard", action="store_true")
-    a("--no-progress", dest="progress", action="store_false")
-    a("--json", default=None, type=output_file, metavar="PATH",
-      help="write the run summary here")
-    a("--stop-after-iters", type=positive_int, default=None, help=argparse.SUPPRESS)
+    add_run_flags(a)
     t.set_defaults(func=_run_train, check=_check_train)
 
     e = ss.add_parser("eval", help="COCO box and mask AP on a val set")

@@ -1,13 +1,13 @@
 """`transnext seg train|eval|predict|convert|make-mosaics`: argument parsing only."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 
 from ...cli_checks import (below_one, device_name, non_negative_float, non_negative_int,
-                           positive_float, positive_int, threads_value)
+                           positive_float, positive_int)
+from ..common.cli_flags import add_run_flags
 from .recipes import RECIPES
 
 log = logging.getLogger("transnext.seg")
@@ -81,18 +81,7 @@ def add_parser(sub) -> None:
     a("--test-scale", type=positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"))
     a("--eval-interval", type=positive_int, default=None)
     a("--ckpt-interval", type=positive_int, default=None)
-    a("--log-interval", type=positive_int, default=None)
-    a("--eval-batch-size", type=positive_int, default=None)
-    a("--workers", type=non_negative_int, default=None)
-    a("--threads", type=threads_value, default=None,
-      help="CPU intra-op threads: N, or 'auto' (time N vs 1 early on, keep the faster)")
-    a("--seed", type=non_negative_int, default=None)
-    a("--deterministic", action="store_true")
-    a("--no-verify", action="store_true", help="skip the up-front check of every file")
-    a("--no-tensorboard", action="store_true")
-    a("--no-progress", dest="progress", action="store_false")
-    a("--json", default=None, metavar="PATH", help="write the run summary here")
-    a("--stop-after-iters", type=positive_int, default=None, help=argparse.SUPPRESS)
+    add_run_flags(a)
     _model_flags(a)
     t.set_defaults(func=_run_train)
 
