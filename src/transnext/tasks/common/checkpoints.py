@@ -1,4 +1,4 @@
-"""Checkpoint writing shared by the iteration-based dense trainers (seg, det)."""
+"""Update and checkpoint steps shared by the iteration-based dense trainers (seg, det)."""
 from __future__ import annotations
 
 import sys
@@ -27,3 +27,22 @@ def say_interrupted(out: Path, it: int, main: bool) -> None:
         last = out / "last.pth"
         print(f"\ninterrupted at iteration {it}; " + (f"resume with --resume {last}"
               if last.exists() else "no checkpoint yet"), file=sys.stderr, flush=True)
+
+
+def backward_and_step(loss, model, optimizer, scaler, clip_grad: float | None) -> None:
+    """One update: backward (scaled when fp16's GradScaler is on), gradient-norm clipping on
+    the unscaled gradients, the optimizer step, gradients cleared."""
+    from torch import nn
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

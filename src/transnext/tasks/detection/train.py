@@ -21,7 +21,7 @@ from ...engine.metrics import MetricLog
 from ...engine.models import unwrap
 from ...engine.train import ThreadProbe, seed_all, set_deterministic
 from ...models import CheckpointError, apply_checkpoint
-from ..common.checkpoints import save_last_and_best, say_interrupted
+from ..common.checkpoints import backward_and_step, save_last_and_best, say_interrupted
 from ..common.schedule import TimeBudget, warmup_factor
 from ..segmentation.convert import head_kind, read_any, state_dict_of
 from . import recipes
@@ -275,19 +275,7 @@ def _train(args, dist) -> dict:
                 raise UserError(f"loss became {loss.item()} at iteration {it + 1} "
                                 f"({', '.join(f'{k} {v.item():.3g}' for k, v in losses.items())})"
                                 f": lower --lr, use --clip-grad or --amp none")
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if args.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            backward_and_step(loss, model, optimizer, scaler, args.clip_grad)
             it += 1
             vals = [losses[k].item() for k in loss_names]
             sums += torch.tensor([*vals, sum(vals), 1.0], dtype=torch.float64)

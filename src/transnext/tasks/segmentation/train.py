@@ -21,7 +21,7 @@ from ...engine.metrics import MetricLog
 from ...engine.models import unwrap
 from ...engine.train import ThreadProbe, seed_all, set_deterministic
 from ...models import CheckpointError, apply_checkpoint
-from ..common.checkpoints import save_last_and_best, say_interrupted
+from ..common.checkpoints import backward_and_step, save_last_and_best, say_interrupted
 from ..common.schedule import TimeBudget, warmup_factor
 from . import recipes
 from .convert import (head_kind, load_mask2former_state, load_upernet_state, read_any,
@@ -287,19 +287,7 @@ def _train(args, dist) -> dict:
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {loss.item()} at iteration {it + 1}: lower --lr, "
                                 f"use --clip-grad or --amp none")
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if args.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            backward_and_step(loss, model, optimizer, scaler, args.clip_grad)
             it += 1
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             if probe is not None:
