@@ -24,8 +24,8 @@ def _data_flags(a, train: bool) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("det", help="detection and instance segmentation (Mask R-CNN on "
-                                   "TransNeXt)",
+    p = sub.add_parser("det", help="detection and instance segmentation (Mask R-CNN, DINO "
+                                   "on TransNeXt)",
                        description="Object detection and instance segmentation: train, "
                                    "evaluate, predict, convert released checkpoints, build the "
                                    "Fashion-MNIST instance mosaics.")
@@ -63,12 +63,19 @@ def add_parser(sub) -> None:
       help="anchor side = scale x stride (released: 8)")
     a("--rpn-batch", type=positive_int, default=None, help="sampled anchors per image (256)")
     a("--roi-batch", type=positive_int, default=None, help="sampled RoIs per image (512)")
-    a("--detections", type=positive_int, default=None, help="detections per image (100)")
+    a("--detections", type=positive_int, default=None,
+      help="detections per image (Mask R-CNN 100, DINO 300)")
+    a("--backbone-lr-mult", type=positive_float, default=None,
+      help="backbone learning-rate factor (DINO: 0.1)")
+    a("--num-queries", type=positive_int, default=None, help="DINO queries (900)")
+    a("--dn-queries", type=non_negative_int, default=None,
+      help="DINO denoising queries (100; 0: no denoising)")
     a("--device", type=device_name, default=None)
     a("--amp", default=None, choices=["bf16", "fp16", "none"])
     a("--compile", action="store_true", help="torch.compile the backbone")
     a("--pretrained", default=None, type=existing_file, metavar="PATH",
-      help="ImageNet backbone weights, a released Mask R-CNN .pth or a det train checkpoint")
+      help="ImageNet backbone weights, a released Mask R-CNN or DINO .pth (same "
+           "architecture) or a det train checkpoint")
     a("--resume", default=None, type=existing_file, metavar="PATH",
       help="continue from a last.pth exactly")
     a("--time-budget", type=non_negative_float, default=None, metavar="SECONDS",
@@ -137,6 +144,11 @@ def add_parser(sub) -> None:
     m.set_defaults(func=_run_mosaics)
 
 
+MASKRCNN_ONLY = {"fpn_channels", "box_fc", "mask_channels", "anchor_scale", "rpn_batch",
+                 "roi_batch"}
+DINO_ONLY = {"num_queries", "dn_queries"}
+
+
 def _given(args) -> set[str]:
     return {k for k, v in vars(args).items() if v is not None and v is not False}
 
@@ -180,6 +192,11 @@ def _check_train(args) -> None:
                          "--pos-bias extrapolate")
     if "eval_reserve" in given and not args.time_budget:
         raise UsageError("--eval-reserve has no effect without --time-budget")
+    other = MASKRCNN_ONLY if args.arch.startswith("dino") else DINO_ONLY
+    wrong = sorted(given & other)
+    if wrong:
+        flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise UsageError(f"{flags}: not an option of --arch {args.arch}")
 
 
 def _check_eval(args) -> None:
@@ -223,17 +240,18 @@ def _run_eval(args):
         if args.threads:
             torch.set_num_threads(args.threads)
         ann, imgs = resolve_coco(args.data_dir, "val", args.val_ann, args.val_images)
-        ds = CocoDetection(ann, imgs)
+        model = load_model(args.checkpoint, args.model, **_size_overrides(args))
+        masks = not model.transnext_config.get("arch", "mask-rcnn").startswith("dino")
+        ds = CocoDetection(ann, imgs, with_masks=masks)
         if not args.no_verify:
             ds.check_images(workers=max(2, args.workers))
-        model = load_model(args.checkpoint, args.model, **_size_overrides(args))
         check_classes(model, ds, f"checkpoint {args.checkpoint}")
         model.to(dist.device)
         import time
         t0 = time.time()
         res, ev = evaluate(model, ds, dist.device, rank=dist.rank, world_size=dist.world_size,
                            amp=args.amp, batch_size=args.batch_size, workers=args.workers,
-                           progress=dist.is_main and sys.stderr.isatty())
+                           progress=dist.is_main and sys.stderr.isatty(), with_masks=masks)
         seconds = time.time() - t0
         if dist.is_main:
             if ds.report.summary():

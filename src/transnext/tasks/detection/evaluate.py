@@ -1,4 +1,4 @@
-"""Loading a Mask R-CNN from any of its forms (``det train`` checkpoint, ``det convert``
+"""Loading a detector (Mask R-CNN, DINO) from any of its forms (``det train`` checkpoint, ``det convert``
 safetensors, released mmdet ``.pth``) and evaluating it on a COCO-layout set: box and
 mask AP with the official COCOeval, each image counted once over ranks."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ...engine.errors import UserError
 from ...engine.evaluate import autocast
 from ...engine.loaders import ShardSampler
 from ...models import CheckpointError
-from ..segmentation.convert import read_any
+from ..segmentation.convert import head_kind, read_any, state_dict_of
 from .coco import CocoDetection, collate
 from .convert import load_converted, load_released_maskrcnn
 from .evaluation import CocoEvaluator
@@ -39,12 +39,27 @@ def build_from_config(cfg: dict, **overrides) -> TransNeXtMaskRCNN:
         raise UserError(f"unknown detection architecture {arch!r}; this version has "
                         f"{', '.join(ARCHS)}")
     cfg.update(overrides)
-    return build_maskrcnn(mmdet_init=False, **cfg)
+    if arch.startswith("dino"):
+        from .dino import build_dino
+        net = build_dino(num_levels=5 if arch == "dino-5scale" else 4, **cfg)
+    else:
+        net = build_maskrcnn(mmdet_init=False, **cfg)
+    net.transnext_config = dict(net.transnext_config, arch=arch) \
+        if hasattr(net, "transnext_config") else dict(cfg, arch=arch)
+    return net
 
 
 def describe_config(cfg: dict) -> str:
     return (f"{cfg.get('arch', 'mask-rcnn')} on {cfg.get('model')} with "
             f"{cfg.get('num_classes')} classes")
+
+
+def _released_head(obj: dict, path) -> str | None:
+    """The head of a released mmdet file ("Mask R-CNN", "DINO", ...), None if unknown."""
+    try:
+        return head_kind(state_dict_of(obj, path))
+    except CheckpointError:
+        return None
 
 
 def _other_kind(obj) -> str | None:
@@ -90,14 +105,19 @@ def load_model(path, model_name: str | None = None, num_classes: int | None = No
             else:
                 kind = _other_kind(obj)
                 if kind is not None:
-                    raise UserError(f"checkpoint {p} is {kind}, not a Mask R-CNN")
-                net = load_released_maskrcnn(obj if isinstance(obj, dict) else {}, **build_kw)
+                    raise UserError(f"checkpoint {p} is {kind}, not a detector")
+                obj = obj if isinstance(obj, dict) else {}
+                if _released_head(obj, p) == "DINO":
+                    from .convert_dino import load_released_dino
+                    net = load_released_dino(obj, **build_kw)
+                else:
+                    net = load_released_maskrcnn(obj, **build_kw)
     except CheckpointError as e:
         msg = str(e).replace("the state dict", f"checkpoint {p}")
         raise UserError(msg) from None
     cfg = net.transnext_config
     if model_name and cfg["model"] != model_name:
-        raise UserError(f"checkpoint {p} holds a Mask R-CNN on {cfg['model']}, not "
+        raise UserError(f"checkpoint {p} holds a {cfg.get('arch', 'mask-rcnn')} on {cfg['model']}, not "
                         f"{model_name}: pass --model {cfg['model']}")
     if num_classes is not None and cfg["num_classes"] != num_classes:
         raise UserError(f"checkpoint {p} predicts {cfg['num_classes']} classes but the data "

@@ -76,7 +76,8 @@ def predict_files(model, files, out_dir, device, *, score_thr: float = 0.3,
     """For each image ``<stem>.png`` in ``out_dir`` with the detections scoring at least
     ``score_thr`` drawn, and ``out_dir/predictions.json``: those detections as COCO
     results (``image_id``, ``category_id`` from the model's classes, ``bbox`` xywh,
-    ``score``, ``segmentation`` RLE). Returns one summary per image."""
+    ``score``, and ``segmentation`` RLE for models with masks). Returns one summary per
+    image."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -91,10 +92,12 @@ def predict_files(model, files, out_dir, device, *, score_thr: float = 0.3,
             o = model([x])[0]
         keep = o["scores"] >= score_thr
         o = {k: v[keep].float().cpu() if k != "labels" else v[keep].cpu() for k, v in o.items()}
-        o["masks"] = (o["masks"][:, 0] >= 0.5).numpy()
+        has_masks = "masks" in o  # Mask R-CNN; DINO predicts boxes only
+        if has_masks:
+            o["masks"] = (o["masks"][:, 0] >= 0.5).numpy()
         iid = image_id(f, index)
-        bbox, segm = to_coco_results(iid, o, cat_ids, True, img.shape[:2])
-        results += segm
+        bbox, segm = to_coco_results(iid, o, cat_ids, has_masks, img.shape[:2])
+        results += segm if has_masks else bbox
         stem = f.stem if f.stem not in seen else f"{f.stem}_{index}"
         seen[stem] = True
         png = out / f"{stem}.png"

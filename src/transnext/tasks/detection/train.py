@@ -1,5 +1,6 @@
-"""The detection training job (Mask R-CNN): mmdet's 1x schedule (AdamW, linear warm-up
-by iteration, lr x0.1 at the step epochs), grouped aspect-ratio batches, seeded flips,
+"""The detection training job (Mask R-CNN, DINO): mmdet's step schedule (AdamW, linear
+warm-up by iteration, lr x0.1 at the step epochs), grouped aspect-ratio batches, seeded
+augmentation (flips; DINO: DETR's multi-scale resize and crop),
 AMP, torch.compile of the backbone, torchrun DDP, atomic checkpoints with exact resume
 (mid-epoch too), progress bar, CSV/JSON/TensorBoard logs, an optional wall-clock budget.
 Reuses the engine's checkpointing, distributed and logging pieces."""
@@ -31,9 +32,20 @@ from .evaluate import (CONFIG_KEY, _other_kind, build_from_config, describe_conf
                        is_training_checkpoint)
 from .maskrcnn import param_groups
 from .sampler import GroupedBatchSampler
+from .transforms import DetrMultiScaleAug
 
 log = logging.getLogger("transnext.det.train")
 REPROBE_EVERY = 250  # iterations between --threads auto decisions
+# The loss terms a run logs (DINO's total also holds the other decoder layers' terms).
+LOGGED_LOSSES = {
+    "mask-rcnn": ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg",
+                  "loss_mask"),
+    "dino": ("loss_cls", "loss_bbox", "loss_iou", "enc_loss_cls", "dn_loss_cls"),
+}
+
+
+def is_dino(arch: str) -> bool:
+    return arch.startswith("dino")
 
 
 def lr_factor(it: int, epoch_progress: float, steps, warmup: int, warmup_ratio: float,
@@ -46,6 +58,16 @@ def lr_factor(it: int, epoch_progress: float, steps, warmup: int, warmup_ratio: 
 
 def build_config(args, num_classes: int) -> dict:
     """The build options of a run, kept in its checkpoints (``det_config``)."""
+    if is_dino(args.arch):
+        return dict(
+            arch=args.arch, model=args.model, num_classes=num_classes,
+            img_size=args.img_size or args.min_size, pos_bias=args.pos_bias,
+            pretrain_size=args.pretrain_size, min_size=args.min_size,
+            max_size=args.max_size, drop_path_rate=args.drop_path,
+            num_queries=args.num_queries, num_dn_queries=args.dn_queries,
+            label_noise=args.label_noise, box_noise=args.box_noise,
+            detections=args.detections, embed_dims=args.embed_dims, ffn_dims=args.ffn_dims,
+            enc_layers=args.enc_layers, dec_layers=args.dec_layers)
     return dict(
         arch=args.arch, model=args.model, num_classes=num_classes,
         img_size=args.img_size or args.min_size, pos_bias=args.pos_bias,
@@ -68,8 +90,9 @@ def _released_kind(obj: dict, path) -> str | None:
 
 
 def _load_pretrained(model, path: str, cfg: dict) -> None:
-    """An ImageNet backbone checkpoint, a released Mask R-CNN ``.pth`` or a ``det train``
-    checkpoint of the same model (variant and class count)."""
+    """An ImageNet backbone checkpoint, a released Mask R-CNN or DINO ``.pth`` (of the
+    run's architecture) or a ``det train`` checkpoint of the same model (variant and class
+    count)."""
     try:
         obj = read_any(path)
         if is_training_checkpoint(obj):
@@ -86,10 +109,19 @@ def _load_pretrained(model, path: str, cfg: dict) -> None:
         elif "seg_config" in obj:
             raise UserError(f"--pretrained {path} is {_other_kind(obj)}, not a backbone or "
                             f"Mask R-CNN checkpoint")
-        elif _released_kind(obj, path) == "Mask R-CNN":
-            load_maskrcnn_state(model, state_dict_of(obj, path), f"--pretrained {path}")
+        elif _released_kind(obj, path) in ("Mask R-CNN", "DINO"):
+            kind, want = _released_kind(obj, path), "DINO" if is_dino(cfg["arch"]) else "Mask R-CNN"
+            if kind != want:
+                raise UserError(f"--pretrained {path} is a released {kind}, this run trains "
+                                f"a {cfg['arch']}")
+            if kind == "DINO":
+                from .convert_dino import load_dino_state
+                load_dino_state(model, state_dict_of(obj, path), f"--pretrained {path}")
+            else:
+                load_maskrcnn_state(model, state_dict_of(obj, path), f"--pretrained {path}")
         else:  # an ImageNet (or another dense task's) backbone: the package's loader
-            apply_checkpoint(model.backbone.body, obj, f"--pretrained {path}")
+            body = model.backbone if is_dino(cfg["arch"]) else model.backbone.body
+            apply_checkpoint(body, obj, f"--pretrained {path}")
     except CheckpointError as e:
         raise UserError(str(e)) from None
     log.info("loaded pretrained weights from %s", path)
@@ -106,8 +138,14 @@ def train(args) -> dict:
 
 def _datasets(args):
     train_ann, train_img = resolve_coco(args.data_dir, "train", args.train_ann, args.train_images)
-    flip = RandomHorizontalFlip(args.flip, seed=args.seed)
-    train_ds = CocoDetection(train_ann, train_img, train=True, transform=flip)
+    masks = not is_dino(args.arch)  # DINO is a box detector: no masks decoded
+    if masks:
+        aug = RandomHorizontalFlip(args.flip, seed=args.seed)
+    else:
+        aug = DetrMultiScaleAug(args.ms_scales, args.max_size, args.crop_scales,
+                                args.crop_max_size, args.crop_range, flip=args.flip,
+                                seed=args.seed)
+    train_ds = CocoDetection(train_ann, train_img, train=True, with_masks=masks, transform=aug)
     if len(train_ds) == 0:
         raise UserError(f"no training image left in {train_ann}: "
                         f"{train_ds.report.images_filtered} image(s) without a usable annotation "
@@ -122,7 +160,7 @@ def _datasets(args):
                 raise
             log.warning("no validation split (%s): training without evaluation", e)
         else:
-            val_ds = CocoDetection(val_ann, val_img)
+            val_ds = CocoDetection(val_ann, val_img, with_masks=masks)
             if val_ds.class_names != train_ds.class_names:
                 raise UserError(f"{val_ann} and {train_ann} list other categories "
                                 f"({len(val_ds.class_names)} vs {len(train_ds.class_names)})")
@@ -130,17 +168,34 @@ def _datasets(args):
         train_ds.check_images(workers=max(2, args.workers))
         if val_ds is not None:
             val_ds.check_images(workers=max(2, args.workers))
-    return train_ds, val_ds, flip  # what loading skipped was logged (one line per json)
+    return train_ds, val_ds, aug  # what loading skipped was logged (one line per json)
 
 
-def _batches(ds, flip, sampler, args, start_it, per_epoch, device):
+def optimizer_groups(model, args) -> list[dict]:
+    """Mask R-CNN: the released no-decay set; DINO: every parameter decays, the
+    backbone's learning rate is ``--backbone-lr-mult`` x (SPEC section 9)."""
+    if not is_dino(args.arch):
+        groups = param_groups(model, args.weight_decay)
+        for g in groups:
+            g["lr"] = g["initial_lr"] = args.lr
+        return groups
+    backbone = [p for n, p in model.named_parameters()
+                if n.startswith("backbone.") and p.requires_grad]
+    head = [p for n, p in model.named_parameters()
+            if not n.startswith("backbone.") and p.requires_grad]
+    lr_b = args.lr * args.backbone_lr_mult
+    return [dict(params=backbone, lr=lr_b, initial_lr=lr_b, weight_decay=args.weight_decay),
+            dict(params=head, lr=args.lr, initial_lr=args.lr, weight_decay=args.weight_decay)]
+
+
+def _batches(ds, aug, sampler, args, start_it, per_epoch, device):
     """(epoch, images, targets) from iteration ``start_it`` on, epoch after epoch. The
-    grouped batches and the flips depend on (seed, epoch, index) only, so a resumed run
+    grouped batches and the augmentation depend on (seed, epoch, index) only, so a resumed run
     skips the batches already done and sees the same data."""
     epoch, skip = divmod(start_it, per_epoch)
     while True:
         sampler.set_epoch(epoch)
-        flip.set_epoch(epoch)
+        aug.set_epoch(epoch)
         batches = list(sampler)[skip:]
         gen = torch.Generator().manual_seed(args.seed * 7 + epoch)
         loader = torch.utils.data.DataLoader(
@@ -172,7 +227,7 @@ def _train(args, dist) -> dict:
                             f"train` (use --pretrained to start from weights)")
     if args.threads and args.threads != "auto":
         torch.set_num_threads(int(args.threads))
-    train_ds, val_ds, flip = _datasets(args)
+    train_ds, val_ds, aug = _datasets(args)
     num_classes = train_ds.num_classes
     cfg = build_config(args, num_classes)
     if resume_obj is not None and resume_obj[CONFIG_KEY] != cfg:
@@ -194,10 +249,8 @@ def _train(args, dist) -> dict:
         _load_pretrained(model, args.pretrained, cfg)
     model.to(device)
     seed_all(args.seed + dist.rank)
-    groups = param_groups(model, args.weight_decay)
-    for g in groups:
-        g["lr"] = g["initial_lr"] = args.lr
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(optimizer_groups(model, args), lr=args.lr,
+                                  betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
     sampler = GroupedBatchSampler(train_ds.sizes, args.batch_size, seed=args.seed,
@@ -237,7 +290,7 @@ def _train(args, dist) -> dict:
     if args.threads == "auto" and device.type == "cpu":
         probe = ThreadProbe(total - start_it, dist)  # N threads vs 1, keep the faster
 
-    batches = _batches(train_ds, flip, sampler, args, start_it, per_epoch, device)
+    batches = _batches(train_ds, aug, sampler, args, start_it, per_epoch, device)
     mlog = MetricLog(out, enabled=main, tensorboard=not args.no_tensorboard)
     ckpt_every = args.ckpt_interval or per_epoch
     bar = None
@@ -247,16 +300,15 @@ def _train(args, dist) -> dict:
                    mininterval=0.5 if sys.stderr.isatty() else 30.0)
     if main:
         n_params = sum(p.numel() for p in model.parameters())
-        log.info("Mask R-CNN on %s: %.2fM params, %d classes, %d train images (%d iterations "
-                 "per epoch) x %d process(es), device %s", args.model, n_params / 1e6,
+        log.info("%s on %s: %.2fM params, %d classes, %d train images (%d iterations "
+                 "per epoch) x %d process(es), device %s", args.arch, args.model, n_params / 1e6,
                  num_classes, len(train_ds), per_epoch, dist.world_size, device)
     summary = {"output": str(out), "epochs": args.epochs}
     budget = None
     if args.time_budget:
         budget = TimeBudget(args.time_budget, train_elapsed, reserve=args.eval_reserve)
-    sums = torch.zeros(7, dtype=torch.float64)  # 5 losses, total, count
-    loss_names = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg",
-                  "loss_mask")
+    loss_names = LOGGED_LOSSES["dino" if is_dino(args.arch) else args.arch]
+    sums = torch.zeros(7, dtype=torch.float64)  # 5 logged terms, total, count
     t0, it = time.time(), start_it
     try:
         net.train()
@@ -277,8 +329,8 @@ def _train(args, dist) -> dict:
                                 f": lower --lr, use --clip-grad or --amp none")
             backward_and_step(loss, model, optimizer, scaler, args.clip_grad)
             it += 1
-            vals = [losses[k].item() for k in loss_names]
-            sums += torch.tensor([*vals, sum(vals), 1.0], dtype=torch.float64)
+            vals = [losses[k].item() if k in losses else 0.0 for k in loss_names]
+            sums += torch.tensor([*vals, loss.item(), 1.0], dtype=torch.float64)
             if probe is not None:
                 probe.after_batch(it - probe_from - 1)
                 if probe.done and it - probe_from >= REPROBE_EVERY and it < total:
@@ -292,8 +344,10 @@ def _train(args, dist) -> dict:
                 if bar is not None:
                     bar.total = it
             if bar is not None:
-                bar.set_postfix(loss=f"{sum(vals):.3f}", cls=f"{vals[2]:.3f}",
-                                mask=f"{vals[4]:.3f}", ep=f"{it / per_epoch:.2f}",
+                bar.set_postfix(loss=f"{loss.item():.3f}", **{
+                                    k.replace("loss_", ""): f"{v:.3f}"
+                                    for k, v in zip(loss_names[2:], vals[2:4])},
+                                ep=f"{it / per_epoch:.2f}",
                                 lr=f"{optimizer.param_groups[0]['lr']:.1e}", refresh=False)
                 bar.update(1)
             row = None
@@ -314,7 +368,8 @@ def _train(args, dist) -> dict:
                     res, _ = evaluate(model, val_ds, device, rank=dist.rank,
                                       world_size=dist.world_size, amp=args.amp,
                                       batch_size=args.eval_batch_size, workers=args.workers,
-                                      progress=main and args.progress)
+                                      progress=main and args.progress,
+                                      with_masks=not is_dino(args.arch))
                     row = dict(row or {"epoch": it, "iter": it, "epochs_done": it / per_epoch})
                     for t, m in res.items():
                         row.update({f"val_{t}_{k}": v for k, v in m.items()})
@@ -323,9 +378,10 @@ def _train(args, dist) -> dict:
                     best = max(best, box_ap)
                     summary.update(row)
                     if main:
+                        mask = (f", mask AP {res['segm']['AP']:.1f} (AP50 "
+                                f"{res['segm']['AP50']:.1f})" if "segm" in res else "")
                         print(f"epoch {it / per_epoch:.2f} (iteration {it}): box AP "
-                              f"{box_ap:.1f} (AP50 {res['bbox']['AP50']:.1f}), mask AP "
-                              f"{res['segm']['AP']:.1f} (AP50 {res['segm']['AP50']:.1f})",
+                              f"{box_ap:.1f} (AP50 {res['bbox']['AP50']:.1f}){mask}",
                               flush=True)
                     net.train()
                 elapsed = budget.elapsed() if budget is not None else 0.0
