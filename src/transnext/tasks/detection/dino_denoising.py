@@ -14,8 +14,17 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-__all__ = ["CdnQueryGenerator", "inverse_sigmoid", "dn_num_groups", "dn_noisy_labels",
-           "dn_box_noise", "collate_dn_queries", "dn_attention_mask"]
+__all__ = ["CdnQueryGenerator", "inverse_sigmoid", "host_to_device", "dn_num_groups",
+           "dn_noisy_labels", "dn_box_noise", "collate_dn_queries", "dn_attention_mask"]
+
+
+def host_to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor onto ``device`` without stalling the host: a plain copy from
+    pageable memory waits for the whole CUDA stream; a pinned one is queued behind it."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -34,12 +43,13 @@ def dn_num_groups(max_gts: int, num_dn_queries: int) -> int:
 def dn_noisy_labels(gt_labels: Tensor, num_groups: int, num_classes: int,
                     label_noise_scale: float) -> Tensor:
     """(2G*N,) labels group-major ([pos g0, neg g0, pos g1, ...], each block all N gts),
-    each replaced by a random class with probability label_noise_scale / 2."""
+    each replaced by a random class with probability label_noise_scale / 2 (mmdet draws
+    the new classes for the chosen ones only; drawing one for every label and picking
+    with ``where`` is the same distribution without the host sync of ``nonzero``)."""
     labels = gt_labels.repeat(2 * num_groups, 1).view(-1)
     p = torch.rand_like(labels.float())
-    chosen = torch.nonzero(p < label_noise_scale * 0.5).view(-1)
-    new = torch.randint_like(chosen, 0, num_classes)
-    return labels.scatter(0, chosen, new)
+    new = torch.randint_like(labels, 0, num_classes)
+    return torch.where(p < label_noise_scale * 0.5, new, labels)
 
 
 def dn_box_noise(gt_boxes: Tensor, num_groups: int, box_noise_scale: float) -> Tensor:
@@ -48,13 +58,10 @@ def dn_box_noise(gt_boxes: Tensor, num_groups: int, box_noise_scale: float) -> T
     negatives |r| in [1, 2) (so they lie further out and are trained as background)."""
     n = gt_boxes.shape[0]
     boxes = gt_boxes.repeat(2 * num_groups, 1)
-    dev = gt_boxes.device
-    pos = (torch.arange(n, device=dev)[None] + 2 * n * torch.arange(num_groups, device=dev)[:, None])
-    neg = pos.flatten() + n
+    rows = torch.arange(boxes.shape[0], device=boxes.device)
+    negative = ((rows // max(n, 1)) % 2 == 1)[:, None]     # odd blocks of n rows
     sign = torch.randint_like(boxes, 0, 2, dtype=torch.float32) * 2.0 - 1.0
-    part = torch.rand_like(boxes)
-    part[neg] += 1.0
-    part = part * sign
+    part = (torch.rand_like(boxes) + negative) * sign
     whwh = box_convert(boxes, "xyxy", "cxcywh")[:, 2:].repeat(1, 2)
     return boxes + part * whwh * box_noise_scale / 2
 
@@ -72,14 +79,14 @@ def collate_dn_queries(values: Tensor, counts: list[int], num_groups: int) -> Te
     out = values.new_zeros(batch, max_gts * 2 * num_groups, *values.shape[1:])
     if n == 0:
         return out
-    dev = values.device
-    counts_t = torch.tensor(counts, device=dev)
-    img = torch.repeat_interleave(torch.arange(batch, device=dev), counts_t)
+    # the indices come from the host-side counts: built there, sent in one copy
+    counts_t = torch.tensor(counts)
+    img = torch.repeat_interleave(torch.arange(batch), counts_t)
     starts = torch.cumsum(counts_t, 0) - counts_t
-    j = torch.arange(n, device=dev) - starts[img]          # index of each gt within its image
-    blocks = torch.arange(2 * num_groups, device=dev)[:, None]
-    slot = (blocks * max_gts + j[None]).flatten()
-    out[img.repeat(2 * num_groups), slot] = values
+    j = torch.arange(n) - starts[img]                      # index of each gt within its image
+    slot = (torch.arange(2 * num_groups)[:, None] * max_gts + j[None]).flatten()
+    idx = host_to_device(torch.stack([img.repeat(2 * num_groups), slot]), values.device)
+    out[idx[0], idx[1]] = values
     return out
 
 
@@ -136,7 +143,8 @@ class CdnQueryGenerator(nn.Module):
         boxes = torch.cat(gt_boxes).float()
 
         noisy_labels = dn_noisy_labels(labels, groups, self.num_classes, self.label_noise_scale)
-        label_query = self.label_embedding(noisy_labels.to(self.label_embedding.weight.device))
+        label_query = self.label_embedding(host_to_device(noisy_labels,
+                                                          self.label_embedding.weight.device))
         noisy = dn_box_noise(boxes, groups, self.box_noise_scale).clamp(0.0, 1.0)
         bbox_query = inverse_sigmoid(box_convert(noisy, "xyxy", "cxcywh"), eps=1e-3)
 
