@@ -76,6 +76,8 @@ def _template_re(t: str) -> re.Pattern:
 
 
 _MAP = [(_template_re(a), b, _template_re(b), a) for a, b in DINO_KEY_MAP]
+# names only our layout has (the table's renames), to tell a converted state dict
+_OWN_NAME = re.compile(r"(en|de)coder\.layers\.\d+\.(ffn\.fc[12]|self_attn\.(in|out)_proj)")
 
 
 def released_dino_name(key: str) -> str:
@@ -128,6 +130,10 @@ def released_dino_kind(sd: dict, source: str = "the state dict") -> tuple[str, i
             raise ConvertError(f"{source} is {what}, not a released {HEAD} "
                                f"(converted files load with load_converted_dino)")
         raise ConvertError(f"{source} is a {kind} checkpoint, not {HEAD}")
+    ours = [k for k in sd if _OWN_NAME.match(k)]
+    if ours:
+        raise ConvertError(f"{source} is a converted {HEAD} (our own layout: {ours[0]}), not a "
+                           f"released one; converted files load with load_converted_dino")
     variant = file_variant(sd)
     if not variant.startswith("transnext_") or " " in variant:
         raise ConvertError(f"{source}: its backbone is {variant}, not a TransNeXt variant")
