@@ -28,8 +28,10 @@ from torch import Tensor, nn
 
 from ...models import ARCHS, load_checkpoint
 from ...ops.msda import MultiScaleDeformableAttention
+from .dino_denoising import CdnQueryGenerator, host_to_device
 from .dino_layers import (ChannelMapper, Decoder, DINOHead, Encoder, cxcywh_to_xyxy,
                           inverse_sigmoid, mask_sine_encoding)
+from .dino_loss import DinoCriterion
 from .mmdet_compat import MEAN_255, STD_255, mmdet_rescale_size
 
 # drop_path_rate of the authors' DINO backbones (detection/dino/transnext_native.py)
@@ -55,8 +57,6 @@ class TransNeXtDINO(nn.Module):
                  box_noise: float = 1.0, detections: int = 300, min_size: int = 800,
                  max_size: int = 1333):
         super().__init__()
-        from .dino_denoising import CdnQueryGenerator
-        from .dino_loss import DinoCriterion
         if embed_dims % 2 or embed_dims % 32:
             raise ValueError(f"embed_dims must be a multiple of 32 (GroupNorm 32), got "
                              f"{embed_dims}")
@@ -203,7 +203,7 @@ class TransNeXtDINO(nn.Module):
         self_mask, dn_meta, n_dn = None, None, 0
         if targets is not None:
             labels = [t["labels"] for t in targets]
-            boxes = [t["boxes"].float() / t["boxes"].new_tensor([w, h, w, h]).float()
+            boxes = [_normalise_xyxy(t["boxes"].float(), h, w)
                      for t, (h, w) in zip(targets, img_shapes)]
             dn_label, dn_box, self_mask, dn_meta = self.dn_query_generator(labels, boxes)
             n_dn = dn_label.shape[1]
@@ -278,10 +278,9 @@ class TransNeXtDINO(nn.Module):
         labels = idx % K
         q = torch.div(idx, K, rounding_mode="floor")
         b = cxcywh_to_xyxy(boxes.gather(1, q[..., None].expand(-1, -1, 4)))
-        dev = b.device
         size = torch.tensor([[w, h, w, h] for h, w in img_shapes], dtype=torch.float32)
         orig = torch.tensor([[w, h, w, h] for h, w in original_sizes], dtype=torch.float32)
-        size, sf = size.to(dev), (size / orig).to(dev)
+        size, sf = host_to_device(size, b.device), host_to_device(size / orig, b.device)
         b = torch.minimum((b * size[:, None]).clamp(min=0), size[:, None]) / sf[:, None]
         return [{"boxes": b[i], "labels": labels[i] + 1, "scores": scores[i]} for i in range(B)]
 
@@ -303,7 +302,8 @@ class TransNeXtDINO(nn.Module):
 
     def prepare_targets(self, targets: list[dict], device) -> list[dict]:
         """torchvision targets (labels 1..K) -> 0-based labels, float32 boxes on
-        ``device``. Label values are checked where that costs no device sync (CPU)."""
+        ``device`` (pinned, non-blocking copies from the host). Label values are checked
+        where that costs no device sync (on the host)."""
         out = []
         for i, t in enumerate(targets):
             b, lab = t["boxes"], t["labels"]
@@ -314,9 +314,14 @@ class TransNeXtDINO(nn.Module):
                                                           lab.max() > self.num_classes):
                 raise ValueError(f"target {i}: labels must be 1..{self.num_classes} "
                                  f"(torchvision's convention), got {lab.min()}..{lab.max()}")
-            out.append({"boxes": b.to(device, torch.float32),
-                        "labels": lab.to(device, torch.int64) - 1})
+            out.append({"boxes": host_to_device(b.float(), device),
+                        "labels": host_to_device(lab.long(), device) - 1})
         return out
+
+
+def _normalise_xyxy(b: Tensor, h: int, w: int) -> Tensor:
+    """Pixel xyxy boxes / (w, h, w, h) (by Python numbers: no host-to-device copy)."""
+    return torch.stack([b[:, 0] / w, b[:, 1] / h, b[:, 2] / w, b[:, 3] / h], -1)
 
 
 def _transnext_backbone(model: str, num_levels: int, pos_bias: str, img_size,
