@@ -13,7 +13,7 @@ import torch
 import transnext
 from seg_helpers import read_layout, random_state
 from transnext.cli import main
-from transnext.tasks.detection.convert import load_released_maskrcnn
+from transnext.tasks.detection.convert import load_converted, load_released_maskrcnn
 from transnext.tasks.detection.convert_dino import (
     ConvertError, load_converted_dino, load_released_dino, map_dino_keys, released_dino_name,
     save_converted_dino)
@@ -209,6 +209,8 @@ def test_meta_objects_then_cli_round_trip(tmp_path, capsys):
     with torch.no_grad():
         oa, oc = net([img])[0], conv([img])[0]
     assert all(torch.equal(oa[k], oc[k]) for k in oa)
+    with pytest.raises(ConvertError, match="converted dino-4scale, not Mask R-CNN"):
+        load_converted(dst)
     with pytest.raises(ValueError, match="2 class names for 3 classes"):
         save_converted_dino(conv, tmp_path / "x.safetensors", class_names=["a", "b"])
     dst.with_suffix(".json").unlink()  # the config also rides in the safetensors metadata

@@ -286,6 +286,9 @@ def load_converted(path, **build_kw) -> TransNeXtMaskRCNN:
     from ...models import read_checkpoint
     path = Path(path)
     cfg = read_converted_config(path)
+    if str(cfg.get("arch", "")).startswith("dino"):
+        raise ConvertError(f"{path} is a converted {cfg['arch']}, not {HEAD} (it loads with "
+                           f"convert_dino.load_converted_dino)")
     sd = read_checkpoint(path)
     kw = dict(img_size=cfg.get("img_size", 800), pos_bias=cfg.get("pos_bias", "interpolate"),
               mmdet_init=False)

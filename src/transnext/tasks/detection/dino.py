@@ -57,9 +57,12 @@ class TransNeXtDINO(nn.Module):
                  box_noise: float = 1.0, detections: int = 300, min_size: int = 800,
                  max_size: int = 1333):
         super().__init__()
-        if embed_dims % 2 or embed_dims % 32:
-            raise ValueError(f"embed_dims must be a multiple of 32 (GroupNorm 32), got "
-                             f"{embed_dims}")
+        if embed_dims % 32 or embed_dims % num_heads:
+            raise ValueError(f"embed_dims must be a multiple of 32 (GroupNorm 32) and of "
+                             f"num_heads {num_heads}, got {embed_dims}")
+        if min(num_queries, detections, num_levels) < 1:
+            raise ValueError(f"num_queries ({num_queries}), detections ({detections}) and "
+                             f"num_levels ({num_levels}) must be positive")
         self.backbone = backbone
         self.backbone_indices = None if backbone_indices is None else list(backbone_indices)
         self.num_classes = num_classes
