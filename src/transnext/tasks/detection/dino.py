@@ -192,13 +192,14 @@ class TransNeXtDINO(nn.Module):
                 f"{H}x{W} input ({' + '.join(f'{h}x{w}' for h, w in shapes)}): use larger "
                 f"images or fewer queries")
         half = maps[0].shape[1] // 2
+        ct = self.level_embed.dtype  # the box arithmetic's: float32 (float64 in a double model)
         feat = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
-        pos = torch.cat([mask_sine_encoding(mk, half) + self.level_embed[lvl].float()
+        pos = torch.cat([mask_sine_encoding(mk, half, ct) + self.level_embed[lvl]
                          for lvl, mk in enumerate(masks)], 1)
         mask = torch.cat([mk.flatten(1) for mk in masks], 1)
         valid_ratios = torch.stack([
-            torch.stack([(~mk[:, 0, :]).sum(1).float() / mk.shape[2],
-                         (~mk[:, :, 0]).sum(1).float() / mk.shape[1]], -1)
+            torch.stack([(~mk[:, 0, :]).sum(1).to(ct) / mk.shape[2],
+                         (~mk[:, :, 0]).sum(1).to(ct) / mk.shape[1]], -1)
             for mk in masks], 1)  # (B, L, 2) as (x, y)
         memory = self.encoder(feat, pos, mask, shapes, starts, valid_ratios)
 
@@ -213,7 +214,7 @@ class TransNeXtDINO(nn.Module):
             if n_dn == 0:
                 self_mask = None  # nothing to hide: plain attention
             query = torch.cat([dn_label.to(query.dtype), query], 1)
-            ref = torch.cat([dn_box.float(), ref], 1)
+            ref = torch.cat([dn_box.to(ref.dtype), ref], 1)
         states, refs = self.decoder(query, ref.sigmoid(), memory, mask, shapes, starts,
                                     valid_ratios, self_mask, self.bbox_head)
         if targets is not None and n_dn == 0:
@@ -233,14 +234,13 @@ class TransNeXtDINO(nn.Module):
         (normalised by the level's valid size), side 0.05 * 2**level, in inverse-sigmoid
         space (inf where padded or too near the border); the memory zeroed there, then
         memory_trans_fc + memory_trans_norm."""
-        B, dev = memory.shape[0], memory.device
+        B, dev, ct = memory.shape[0], memory.device, self.level_embed.dtype
         props = []
         for lvl, mk in enumerate(masks):
             H, W = mk.shape[-2:]
-            valid = torch.stack([(~mk[:, 0, :]).sum(1), (~mk[:, :, 0]).sum(1)], -1).float()
-            gy, gx = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=dev),
-                                    torch.arange(W, dtype=torch.float32, device=dev),
-                                    indexing="ij")
+            valid = torch.stack([(~mk[:, 0, :]).sum(1), (~mk[:, :, 0]).sum(1)], -1).to(ct)
+            gy, gx = torch.meshgrid(torch.arange(H, dtype=ct, device=dev),
+                                    torch.arange(W, dtype=ct, device=dev), indexing="ij")
             grid = (torch.stack([gx, gy], -1)[None] + 0.5) / valid.view(B, 1, 1, 2)
             wh = torch.full_like(grid, 0.05 * 2.0 ** lvl)
             props.append(torch.cat([grid, wh], -1).view(B, -1, 4))
@@ -281,9 +281,9 @@ class TransNeXtDINO(nn.Module):
         labels = idx % K
         q = torch.div(idx, K, rounding_mode="floor")
         b = cxcywh_to_xyxy(boxes.gather(1, q[..., None].expand(-1, -1, 4)))
-        size = torch.tensor([[w, h, w, h] for h, w in img_shapes], dtype=torch.float32)
-        orig = torch.tensor([[w, h, w, h] for h, w in original_sizes], dtype=torch.float32)
-        size, sf = host_to_device(size, b.device), host_to_device(size / orig, b.device)
+        size = torch.tensor([[w, h, w, h] for h, w in img_shapes], dtype=torch.float64)
+        orig = torch.tensor([[w, h, w, h] for h, w in original_sizes], dtype=torch.float64)
+        size, sf = (host_to_device(t.to(b.dtype), b.device) for t in (size, size / orig))
         b = torch.minimum((b * size[:, None]).clamp(min=0), size[:, None]) / sf[:, None]
         return [{"boxes": b[i], "labels": labels[i] + 1, "scores": scores[i]} for i in range(B)]
 

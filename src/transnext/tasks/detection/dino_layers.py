@@ -15,9 +15,15 @@ from ...ops.msda import MultiScaleDeformableAttention
 
 
 # ---- small math ---------------------------------------------------------------------
+def f32(t: Tensor) -> Tensor:
+    """At least float32: half-precision tensors (autocast's outputs) cast up, float32 and
+    float64 kept."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """log(x / (1 - x)) with both parts clamped at ``eps`` (mmdet's), in float32."""
-    x = x.float().clamp(0, 1)
+    """log(x / (1 - x)) with both parts clamped at ``eps`` (mmdet's), at least float32."""
+    x = f32(x).clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
@@ -31,16 +37,17 @@ def _sin_cos(p: Tensor) -> Tensor:
     return torch.stack((p[..., 0::2].sin(), p[..., 1::2].cos()), -1).flatten(-2)
 
 
-def mask_sine_encoding(mask: Tensor, num_feats: int, temperature: float = 20.0,
-                       scale: float = 2 * math.pi, eps: float = 1e-6) -> Tensor:
+def mask_sine_encoding(mask: Tensor, num_feats: int, dtype: torch.dtype = torch.float32,
+                       temperature: float = 20.0, scale: float = 2 * math.pi,
+                       eps: float = 1e-6) -> Tensor:
     """mmdet's SinePositionalEncoding(normalize=True, offset=0) of a padding mask
-    (B, H, W) bool, True on padding -> (B, H*W, 2 * num_feats) float32 (y first, then x)."""
-    not_mask = (~mask).float()
+    (B, H, W) bool, True on padding -> (B, H*W, 2 * num_feats) in ``dtype`` (y first, then x)."""
+    not_mask = (~mask).to(dtype)
     y = not_mask.cumsum(1)
     x = not_mask.cumsum(2)
     y = y / (y[:, -1:, :] + eps) * scale
     x = x / (x[:, :, -1:] + eps) * scale
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=mask.device)
+    dim_t = torch.arange(num_feats, dtype=dtype, device=mask.device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
     pos = torch.cat([_sin_cos(y[..., None] / dim_t), _sin_cos(x[..., None] / dim_t)], -1)
     return pos.flatten(1, 2)
@@ -49,10 +56,10 @@ def mask_sine_encoding(mask: Tensor, num_feats: int, temperature: float = 20.0,
 def box_sine_encoding(coord: Tensor, num_feats: int, temperature: float = 10000.0,
                       scale: float = 2 * math.pi) -> Tensor:
     """mmdet's coordinate_to_encoding of (..., 4) boxes (cx, cy, w, h) ->
-    (..., 4 * num_feats), blocks in the order y, x, w, h; float32."""
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=coord.device)
+    (..., 4 * num_feats), blocks in the order y, x, w, h; at least float32."""
+    c = f32(coord)[..., [1, 0, 2, 3]] * scale
+    dim_t = torch.arange(num_feats, dtype=c.dtype, device=coord.device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
-    c = coord.float()[..., [1, 0, 2, 3]] * scale
     return _sin_cos(c[..., None] / dim_t).flatten(-2)
 
 
@@ -151,12 +158,12 @@ class Encoder(nn.Module):
     @staticmethod
     def reference_points(shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
         """Pixel centres of every level, normalised by the valid part of the map, then
-        scaled back per level by its valid ratios -> (B, S, L, 2) (x, y), float32."""
+        scaled back per level by its valid ratios -> (B, S, L, 2) (x, y), in their dtype."""
         dev = valid_ratios.device
         refs = []
         for lvl, (H, W) in enumerate(shapes):
-            ys = torch.arange(H, dtype=torch.float32, device=dev) + 0.5
-            xs = torch.arange(W, dtype=torch.float32, device=dev) + 0.5
+            ys = torch.arange(H, dtype=valid_ratios.dtype, device=dev) + 0.5
+            xs = torch.arange(W, dtype=valid_ratios.dtype, device=dev) + 0.5
             ry = ys[:, None].expand(H, W).reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * H)
             rx = xs[None, :].expand(H, W).reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * W)
             refs.append(torch.stack((rx, ry), -1))
@@ -229,10 +236,11 @@ class DINOHead(nn.Module):
                           nn.Linear(dims, 4)) for _ in range(num_branches))
 
     def box_delta(self, i: int, x: Tensor) -> Tensor:
-        """reg_branches[i] in float32 (autocast off): its output is added to a box in
-        inverse-sigmoid space."""
+        """reg_branches[i] in its weights' dtype (float32 under autocast, which is off
+        here): its output is added to a box in inverse-sigmoid space."""
+        branch = self.reg_branches[i]
         with torch.autocast(x.device.type, enabled=False):
-            return self.reg_branches[i](x.float())
+            return branch(x.to(branch[0].weight.dtype))
 
     def logits(self, i: int, x: Tensor) -> Tensor:
-        return self.cls_branches[i](x).float()
+        return f32(self.cls_branches[i](x))
