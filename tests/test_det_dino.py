@@ -253,6 +253,13 @@ def test_eval_two_odd_sizes_in_one_batch(levels):
     assert out["cls"].shape == (2, 2, 30, 5) and out["boxes"].shape == (2, 2, 30, 4)
     assert out["enc_cls"].shape == (2, 30, 5) and out["dn_meta"] is None
     assert out["cls"].dtype == out["boxes"].dtype == torch.float32
+    # any float dtype: float64 (as a reference comparison runs it) agrees with float32
+    with torch.no_grad():
+        out64 = net.double().head_forward([f.double() for f in net.backbone_maps(x.double())],
+                                          shapes, x.shape[-2:])
+    assert out64["boxes"].dtype == torch.float64
+    assert torch.allclose(out64["boxes"].float(), out["boxes"], atol=1e-4)
+    net.float()
     # fewer (query, class) pairs than detections: all of them, 30 queries x 5 classes
     net.detections = 300
     with torch.no_grad():

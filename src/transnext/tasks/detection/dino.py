@@ -169,7 +169,7 @@ class TransNeXtDINO(nn.Module):
         Returns "cls" (L, B, Ndn + Q, K) logits and "boxes" (L, B, Ndn + Q, 4) sigmoid
         (cx, cy, w, h) normalised to each image's img_shape, "enc_cls" (B, Q, K),
         "enc_boxes" (B, Q, 4) (the selected encoder proposals), "dn_meta" (None
-        without targets); all float32."""
+        without targets); float32 under autocast too (float64 in a double model)."""
         maps = self.neck(feats)
         if len(maps) != self.num_levels:
             raise ValueError(f"{len(maps)} levels for a {self.num_levels}-level DINO")
