@@ -398,7 +398,8 @@ def build_dino(model: str = "transnext_tiny", num_classes: int = 80, *, num_leve
     if init:
         net.init_weights()
     net.transnext_config = dict(
-        model=model, num_classes=num_classes, num_levels=num_levels, img_size=img_size,
+        arch=f"dino-{num_levels}scale", model=model, num_classes=num_classes,
+        num_levels=num_levels, img_size=img_size,
         pos_bias=pos_bias, pretrain_size=getattr(body, "pretrain_size", pretrain_size),
         min_size=min_size, max_size=max_size, num_queries=num_queries,
         num_dn_queries=num_dn_queries, detections=detections, embed_dims=embed_dims,

@@ -41,12 +41,18 @@ def build_from_config(cfg: dict, **overrides) -> TransNeXtMaskRCNN:
     cfg.update(overrides)
     if arch.startswith("dino"):
         from .dino import build_dino
-        net = build_dino(num_levels=5 if arch == "dino-5scale" else 4, **cfg)
-    else:
-        net = build_maskrcnn(mmdet_init=False, **cfg)
-    net.transnext_config = dict(net.transnext_config, arch=arch) \
-        if hasattr(net, "transnext_config") else dict(cfg, arch=arch)
-    return net
+        return build_dino(num_levels=5 if arch == "dino-5scale" else 4, init=False, **cfg)
+    return build_maskrcnn(mmdet_init=False, **cfg)
+
+
+def load_converted_any(path, **build_kw):
+    """A ``det convert`` file of either architecture (told by its config)."""
+    from .convert_dino import load_converted_dino, read_converted_dino_config
+    try:
+        read_converted_dino_config(path)
+    except CheckpointError:  # not a converted DINO: Mask R-CNN's loader says what it is
+        return load_converted(path, **build_kw)
+    return load_converted_dino(path, **build_kw)
 
 
 def describe_config(cfg: dict) -> str:
@@ -76,7 +82,7 @@ def _other_kind(obj) -> str | None:
 
 def load_model(path, model_name: str | None = None, num_classes: int | None = None,
                **build_kw) -> TransNeXtMaskRCNN:
-    """A Mask R-CNN, in eval mode, from a ``det train`` checkpoint, a ``det convert``
+    """A detector (Mask R-CNN, DINO), in eval mode, from a ``det train`` checkpoint, a ``det convert``
     safetensors file or a released mmdet ``.pth``; ``class_names`` and
     ``label_to_cat_id`` are set on it (COCO's when the file names no classes and has
     80). ``model_name`` / ``num_classes``: what the caller expects (refused otherwise,
@@ -90,7 +96,7 @@ def load_model(path, model_name: str | None = None, num_classes: int | None = No
     cat_ids = None
     try:
         if p.suffix == ".safetensors":
-            net = load_converted(p, **build_kw)
+            net = load_converted_any(p, **build_kw)
         else:
             obj = read_any(p)
             if is_training_checkpoint(obj):

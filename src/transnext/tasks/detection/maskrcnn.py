@@ -157,7 +157,8 @@ def build_maskrcnn(model: str = "transnext_tiny", num_classes: int = 80, *, img_
     if mmdet_init:
         mmdet_init_(net)
     net.transnext_config = dict(
-        model=model, num_classes=num_classes, img_size=img_size, pos_bias=pos_bias,
+        arch="mask-rcnn", model=model, num_classes=num_classes, img_size=img_size,
+        pos_bias=pos_bias,
         pretrain_size=backbone.body.pretrain_size, min_size=min_size, max_size=max_size,
         fpn_channels=fpn_channels, box_fc=box_fc, mask_channels=mask_channels,
         anchor_scale=anchor_scale, rpn_batch_size_per_image=rpn_batch_size_per_image,

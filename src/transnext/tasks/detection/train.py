@@ -32,6 +32,7 @@ from .evaluate import (CONFIG_KEY, _other_kind, build_from_config, describe_conf
                        is_training_checkpoint)
 from .maskrcnn import param_groups
 from .sampler import GroupedBatchSampler
+from .dino import param_groups as dino_param_groups
 from .transforms import DetrMultiScaleAug
 
 log = logging.getLogger("transnext.det.train")
@@ -172,20 +173,15 @@ def _datasets(args):
 
 
 def optimizer_groups(model, args) -> list[dict]:
-    """Mask R-CNN: the released no-decay set; DINO: every parameter decays, the
-    backbone's learning rate is ``--backbone-lr-mult`` x (SPEC section 9)."""
+    """Mask R-CNN: the released no-decay set; DINO: the released configs' groups (no decay
+    on 1-D parameters and the TransNeXt position parameters, the backbone's learning rate
+    ``--backbone-lr-mult`` x; ``dino.param_groups``)."""
     if not is_dino(args.arch):
         groups = param_groups(model, args.weight_decay)
         for g in groups:
             g["lr"] = g["initial_lr"] = args.lr
         return groups
-    backbone = [p for n, p in model.named_parameters()
-                if n.startswith("backbone.") and p.requires_grad]
-    head = [p for n, p in model.named_parameters()
-            if not n.startswith("backbone.") and p.requires_grad]
-    lr_b = args.lr * args.backbone_lr_mult
-    return [dict(params=backbone, lr=lr_b, initial_lr=lr_b, weight_decay=args.weight_decay),
-            dict(params=head, lr=args.lr, initial_lr=args.lr, weight_decay=args.weight_decay)]
+    return dino_param_groups(model, args.lr, args.weight_decay, args.backbone_lr_mult)
 
 
 def _batches(ds, aug, sampler, args, start_it, per_epoch, device):
