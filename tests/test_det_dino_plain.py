@@ -305,3 +305,52 @@ def test_plain_predict_by_hand():
     want = torch.tensor([[0.0, 80.0, 30.0, 120.0], [70.0, 140.0, 100.0, 200.0],
                          [40.0, 80.0, 60.0, 120.0]], dtype=torch.float64)
     torch.testing.assert_close(res["boxes"], want)
+
+
+# ----------------------------------------------------------------------------
+# the converter + our model against the plain forward
+# ----------------------------------------------------------------------------
+
+def released_state(num_levels: int, seed: int) -> dict[str, torch.Tensor]:
+    """A whole released-layout DINO tiny state dict: a seeded TransNeXt tiny backbone under
+    ``backbone.`` and the random head above."""
+    import transnext
+    torch.manual_seed(seed)
+    bb = transnext.create_model("transnext_tiny", num_classes=0).state_dict()
+    sd = {f"backbone.{k}": v.double() if v.is_floating_point() else v for k, v in bb.items()}
+    sd.update(random_dino_state(dino_layout(num_levels), seed))
+    return sd
+
+
+@pytest.mark.parametrize("num_levels", [4, 5])
+def test_converted_model_matches_plain_head(num_levels):
+    from transnext.tasks.detection.convert_dino import load_dino_state
+    from transnext.tasks.detection.dino import build_dino
+
+    sd = released_state(num_levels, seed=20 + num_levels)
+    if num_levels == 4:  # exactly the released file's keys and shapes
+        assert {k: tuple(v.shape) for k, v in sd.items()} == read_layout(LAYOUT)
+    net = build_dino("transnext_tiny", 80, num_levels=num_levels)
+    load_dino_state(net, sd)
+    net = net.double().eval()
+    head = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
+    case = CASES[num_levels]
+    feats = random_feats(num_levels, seed=30 + num_levels)
+    with torch.no_grad():
+        got = net.head_forward(feats, case["shapes"], case["batch"])
+        want = dp.plain_dino_head(head, feats, case["shapes"], case["batch"], num_levels=num_levels)
+    assert got.get("dn_meta") is None
+    for k in ("enc_cls", "enc_boxes", "cls", "boxes"):
+        assert got[k].dtype == torch.float64, k
+        torch.testing.assert_close(got[k], want[k], rtol=1e-8, atol=1e-10, msg=k)
+
+    # post-processing: the top 300 per image, boxes back in original-image pixels
+    originals = [(round(h / 0.61), round(w / 0.6)) for h, w in case["shapes"]]
+    factors = [(w / ow, h / oh) for (h, w), (oh, ow) in zip(case["shapes"], originals)]
+    dets = net.postprocess(got, case["shapes"], originals)
+    ref = dp.plain_dino_predict(want, case["shapes"], factors, max_per_img=300)
+    for d, r in zip(dets, ref):
+        assert d["boxes"].shape == (300, 4)
+        torch.testing.assert_close(d["scores"].double(), r["scores"], rtol=1e-8, atol=1e-10)
+        assert torch.equal(d["labels"], r["labels"] + 1)  # ours count classes from 1
+        torch.testing.assert_close(d["boxes"].double(), r["boxes"], rtol=1e-8, atol=1e-8)
