@@ -117,9 +117,11 @@ def add_parser(sub) -> None:
     a("--threads", type=positive_int, default=None)
     pr.set_defaults(func=_run_predict, check=_check_predict)
 
-    c = ss.add_parser("convert", help="a released Mask R-CNN .pth -> safetensors + json config")
+    c = ss.add_parser("convert", help="a released Mask R-CNN or DINO .pth -> safetensors + "
+                                      "json config")
     a = c.add_argument
-    a("checkpoint", type=existing_file, help="e.g. mask_rcnn_transnext_tiny_fpn_1x_coco_in1k.pth")
+    a("checkpoint", type=existing_file, help="e.g. mask_rcnn_transnext_tiny_fpn_1x_coco_in1k.pth "
+                                             "or dino_4scale_transnext_tiny_12e_in1k.pth")
     a("output", type=output_file, help="e.g. maskrcnn-tiny.safetensors (the config goes "
                                        "beside it as .json)")
     c.set_defaults(func=_run_convert)
@@ -277,7 +279,8 @@ def _run_convert(args):
     except CheckpointError as e:
         raise UserError(str(e)) from None
     conf = json.loads(cfg.read_text())
-    print(f"wrote {st} and {cfg} (Mask R-CNN on {conf['model']}, {conf['num_classes']} "
+    print(f"wrote {st} and {cfg} ({conf.get('arch', 'Mask R-CNN')} on {conf['model']}, "
+          f"{conf['num_classes']} "
           f"classes{', class names from the file' if conf.get('class_names') else ''})",
           flush=True)
 

@@ -174,18 +174,18 @@ def load_maskrcnn_state(net: TransNeXtMaskRCNN, sd: dict, source: str = "the sta
 
 
 def load_released_maskrcnn(path_or_state_dict, model: str | TransNeXtMaskRCNN | None = None,
-                           **build_kw) -> TransNeXtMaskRCNN:
+                           *, source: str | None = None, **build_kw) -> TransNeXtMaskRCNN:
     """The model of a released ``mask_rcnn_transnext_{v}_fpn_1x_coco_in1k.pth`` (a path,
     or its dict / ``state_dict`` already read), in eval mode; ``class_names`` from the
     file's ``meta['CLASSES']`` when it has them (else None).
 
     ``model``: None builds the file's variant; a variant name must match the file's; a
-    built ``TransNeXtMaskRCNN`` is loaded in place. ``build_kw`` go to
-    :func:`build_maskrcnn` (the class count comes from the file)."""
+    built ``TransNeXtMaskRCNN`` is loaded in place. ``source`` names a dict in messages.
+    ``build_kw`` go to :func:`build_maskrcnn` (the class count comes from the file)."""
     if isinstance(path_or_state_dict, dict):
-        source, obj = "the state dict", path_or_state_dict
+        source, obj = source or "the state dict", path_or_state_dict
     else:
-        source = f"checkpoint {path_or_state_dict}"
+        source = source or f"checkpoint {path_or_state_dict}"
         obj = read_any(path_or_state_dict)
     sd = state_dict_of(obj, source)
     names = _meta_classes(obj)
@@ -286,6 +286,9 @@ def load_converted(path, **build_kw) -> TransNeXtMaskRCNN:
     from ...models import read_checkpoint
     path = Path(path)
     cfg = read_converted_config(path)
+    if str(cfg.get("arch", "")).startswith("dino"):
+        raise ConvertError(f"{path} is a converted {cfg['arch']}, not {HEAD} (it loads with "
+                           f"convert_dino.load_converted_dino)")
     sd = read_checkpoint(path)
     kw = dict(img_size=cfg.get("img_size", 800), pos_bias=cfg.get("pos_bias", "interpolate"),
               mmdet_init=False)
@@ -297,6 +300,12 @@ def load_converted(path, **build_kw) -> TransNeXtMaskRCNN:
 
 
 def convert_file(src, dst, class_names: list[str] | None = None) -> tuple[Path, Path]:
-    """Released ``.pth`` -> converted safetensors + json (after a strict load)."""
-    net = load_released_maskrcnn(src)
+    """Released ``.pth`` (Mask R-CNN or DINO, told by its keys) -> converted safetensors
+    + json (after a strict load)."""
+    source = f"checkpoint {src}"
+    obj = read_any(src)
+    if head_kind(state_dict_of(obj, source)) == "DINO":
+        from .convert_dino import convert_dino_file
+        return convert_dino_file(obj, dst, class_names, source=source)
+    net = load_released_maskrcnn(obj, source=source)
     return save_converted(net, dst, class_names=class_names or net.class_names)
