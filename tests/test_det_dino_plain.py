@@ -330,9 +330,9 @@ def test_converted_model_matches_plain_head(num_levels):
     sd = released_state(num_levels, seed=20 + num_levels)
     if num_levels == 4:  # exactly the released file's keys and shapes
         assert {k: tuple(v.shape) for k, v in sd.items()} == read_layout(LAYOUT)
-    net = build_dino("transnext_tiny", 80, num_levels=num_levels)
+    # double before loading: loading keeps the parameters' dtype
+    net = build_dino("transnext_tiny", 80, num_levels=num_levels).double().eval()
     load_dino_state(net, sd)
-    net = net.double().eval()
     head = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
     case = CASES[num_levels]
     feats = random_feats(num_levels, seed=30 + num_levels)
