@@ -78,7 +78,9 @@ def random_dino_state(layout: dict[str, tuple[int, ...]], seed: int) -> dict[str
 
 # 4-scale: the stride 8/16/32 maps of a 200x250 batch (TransNeXt: ceil(S/4), then
 # ceil-halved) -> 25x32, 13x16, 7x8 (+ 4x4 extra) = 1080 tokens; 5-scale: a 120x152 batch
-# with its stride-4 map 30x38 -> 1140 + 2 + ... tokens, both enough for 900 queries.
+# -> 30x38, 15x19, 8x10, 4x5 (+ 2x3) = 1531 tokens; both enough for 900 queries. The second
+# image is padded, so its padded tokens (all selected: their constant score is high with
+# these weights) put reference boxes at 1 and the eps of both inverse sigmoids matters.
 CASES = {
     4: dict(batch=(200, 250), shapes=[(200, 250), (157, 201)],
             maps=[(144, 25, 32), (288, 13, 16), (576, 7, 8)]),
