@@ -340,7 +340,12 @@ def test_converted_model_matches_plain_head(num_levels):
     feats = random_feats(num_levels, seed=30 + num_levels)
     with torch.no_grad():
         got = net.head_forward(feats, case["shapes"], case["batch"])
-        want = dp.plain_dino_head(head, feats, case["shapes"], case["batch"], num_levels=num_levels)
+        trace = {}
+        want = dp.plain_dino_head(head, feats, case["shapes"], case["batch"], num_levels=num_levels,
+                                  trace=trace)
+    # padded tokens (inf proposals) are among the selected queries of the padded image
+    picked = trace["proposals"][1][trace["topk"][1]]
+    assert torch.isinf(picked).any(-1).sum() > 100
     assert got.get("dn_meta") is None
     for k in ("enc_cls", "enc_boxes", "cls", "boxes"):
         assert got[k].dtype == torch.float64, k
