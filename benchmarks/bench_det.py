@@ -1,12 +1,15 @@
-"""Mask R-CNN training step and inference: TransNeXt-T against ConvNeXt-T (timm,
-features_only) under the same detector (``tasks.detection.build_maskrcnn``: mmdet's
-FPN, RPN, RoI heads and transform), one run.
+"""Detector training step and inference: TransNeXt-T against ConvNeXt-T (timm,
+features_only) under the same detector, one run. ``--arch mask-rcnn``:
+``tasks.detection.build_maskrcnn`` (mmdet's FPN, RPN, RoI heads and transform);
+``--arch dino-4scale`` / ``dino-5scale``: ``tasks.detection.build_dino`` (channel mapper,
+deformable encoder/decoder, denoising queries, Hungarian-matched losses).
 
     python benchmarks/bench_det.py --out benchmarks/results/det_h100.json
+    python benchmarks/bench_det.py --arch dino-4scale --out benchmarks/results/dino_h100.json
 
 Training: batch 2 at 1333x800 (the 1x recipe's per-GPU batch), 12 instances per
-image with masks, bf16 autocast, forward + backward + AdamW step. Inference: one
-800x1333 image at a time (as mmdet tests), bf16, boxes and pasted masks.
+image (with masks for Mask R-CNN), bf16 autocast, forward + backward + AdamW step.
+Inference: one 800x1333 image at a time (as mmdet tests), bf16, boxes (and pasted masks).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, timed  # noqa: E402
 
+from transnext.tasks.detection.dino import build_dino  # noqa: E402
 from transnext.tasks.detection.maskrcnn import build_maskrcnn, mmdet_init_  # noqa: E402
 
 
@@ -44,8 +48,18 @@ class TimmFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(self.body(x))))
 
 
-def make(name: str, h: int, w: int):
-    # the transform keeps the benchmark's size (the 1x recipe's 800/1333 by default)
+def make(name: str, h: int, w: int, arch: str = "mask-rcnn", queries: int = 900):
+    # the transform keeps the benchmark's size (the recipes' 800/1333 by default)
+    if arch.startswith("dino"):
+        levels = 5 if arch == "dino-5scale" else 4
+        if name.startswith("transnext"):
+            return build_dino(name, 80, num_levels=levels, min_size=min(h, w),
+                              max_size=max(h, w), num_queries=queries)
+        import timm
+        body = timm.create_model(name, features_only=True,
+                                 out_indices=(0, 1, 2, 3) if levels == 5 else (1, 2, 3))
+        return build_dino(backbone=body, num_classes=80, num_levels=levels,
+                          min_size=min(h, w), max_size=max(h, w), num_queries=queries)
     net = build_maskrcnn("transnext_tiny" if not name.startswith("transnext") else name, 80,
                          min_size=min(h, w), max_size=max(h, w))
     if not name.startswith("transnext"):
@@ -54,7 +68,7 @@ def make(name: str, h: int, w: int):
     return net
 
 
-def targets(n_img: int, h: int, w: int, n: int, device, gen):
+def targets(n_img: int, h: int, w: int, n: int, device, gen, masks_too: bool = True):
     out = []
     for _ in range(n_img):
         wh = torch.rand(n, 2, generator=gen) * torch.tensor([w / 3, h / 3]) + 16
@@ -63,8 +77,11 @@ def targets(n_img: int, h: int, w: int, n: int, device, gen):
         masks = torch.zeros(n, h, w, dtype=torch.uint8)
         for i, (x0, y0, x1, y1) in enumerate(boxes.round().int().tolist()):
             masks[i, y0:y1, x0 + (x1 - x0) // 4:x1] = 1  # not the whole box
-        out.append({"boxes": boxes.to(device), "labels": torch.randint(1, 81, (n,), generator=gen)
-                    .to(device), "masks": masks.to(device)})
+        t = {"boxes": boxes.to(device), "labels": torch.randint(1, 81, (n,), generator=gen)
+             .to(device)}
+        if masks_too:
+            t["masks"] = masks.to(device)
+        out.append(t)
     return out
 
 
@@ -72,10 +89,11 @@ def bench(name, args, device):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     h, w = args.size
-    model = make(name, h, w).to(device)
+    model = make(name, h, w, args.arch, args.queries).to(device)
     res = {"model": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
     imgs = [torch.rand(3, h, w, generator=gen).to(device) for _ in range(args.batch)]
-    tg = targets(args.batch, h, w, args.instances, device, gen)
+    tg = targets(args.batch, h, w, args.instances, device, gen,
+                 masks_too=not args.arch.startswith("dino"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
                             fused=device == "cuda")
     model.train()
@@ -96,7 +114,6 @@ def bench(name, args, device):
     res.update(train_ms_step=s * 1000, train_img_s=args.batch / s)
     if device == "cuda":
         res["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-    del opt
     model.eval()
     one = [imgs[0]]
 
@@ -116,6 +133,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["transnext_tiny", "convnext_tiny"],
                    help="the last one is the baseline of the ratios")
+    p.add_argument("--arch", default="mask-rcnn",
+                   choices=["mask-rcnn", "dino-4scale", "dino-5scale"])
+    p.add_argument("--queries", type=int, default=900, help="DINO queries (small sizes: fewer)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
     p.add_argument("--instances", type=int, default=12)
@@ -132,8 +152,8 @@ def main():
         r["infer_ratio"] = r["infer_img_s"] / base["infer_img_s"]
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda"
             else platform.processor(), "torch": torch.__version__, "batch": args.batch,
-            "size": args.size, "instances": args.instances}
-    print(f"Mask R-CNN, {meta['device']}, torch {meta['torch']}, batch {args.batch} at "
+            "size": args.size, "instances": args.instances, "arch": args.arch}
+    print(f"{args.arch}, {meta['device']}, torch {meta['torch']}, batch {args.batch} at "
           f"{args.size[0]}x{args.size[1]}, bf16")
     print(table(rows, [("model", "backbone", "s"), ("train_ms_step", "train ms/step", ".1f"),
                        ("train_ratio", "train ratio", ".2f"),

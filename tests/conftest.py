@@ -92,3 +92,20 @@ def run_ok(cmd):
 def model_name() -> str:
     """The tiny model the job tests train (TransNeXt-femto)."""
     return "transnext_femto"
+
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian's dataset-fashion-mnist "
+                                                               "is not installed")
+
+
+@pytest.fixture(scope="session")
+def mosaics(tmp_path_factory):
+    """8 training and 5 held-out 64 px instance mosaics in COCO's layout (the det tests)."""
+    if not FMNIST.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    from transnext.cli import main
+    root = tmp_path_factory.mktemp("det_mosaics")
+    assert main(["det", "make-mosaics", "--output", str(root), "--train", "8", "--val", "5",
+                 "--size", "64", "--seed", "1"]) == 0
+    return root

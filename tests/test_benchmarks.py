@@ -93,11 +93,13 @@ def test_bench_dense_rows_modes_and_ratio(tmp_path):
 
 
 def test_bench_det_and_seg_write_rows_and_ratios(tmp_path):
-    """The dense benchmarks (Mask R-CNN, UperNet) run both backbones under one head and
+    """The dense benchmarks (Mask R-CNN, DINO, UperNet) run both backbones under one head and
     report TransNeXt's ratio to the last model of the run."""
     for script, extra in (("bench_det.py", ["--size", "96", "128", "--instances", "2"]),
+                          ("bench_det.py", ["--arch", "dino-4scale", "--size", "96", "128",
+                                            "--instances", "2", "--queries", "50"]),
                           ("bench_seg.py", ["--batch", "2"])):
-        out = tmp_path / f"{script}.json"
+        out = tmp_path / f"{script}{len(extra)}.json"
         stdout = _run([f"benchmarks/{script}", "--device", "cpu", "--models", "transnext_micro",
                        "convnext_atto", "--iters", "1", "--repeats", "1", "--warmup", "1",
                        *extra, "--out", str(out)])

@@ -15,23 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PY, REPO, run_ok, subprocess_env, torchrun
+from conftest import PY, REPO, needs_fmnist, run_ok, subprocess_env, torchrun
 from seg_helpers import random_state, read_layout
 from transnext.cli import main
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian's dataset-fashion-mnist "
-                                                               "is not installed")
-
-
-@pytest.fixture(scope="module")
-def mosaics(tmp_path_factory):
-    if not FMNIST.is_dir():
-        pytest.skip("Debian's dataset-fashion-mnist is not installed")
-    root = tmp_path_factory.mktemp("det_mosaics")
-    assert main(["det", "make-mosaics", "--output", str(root), "--train", "8", "--val", "5",
-                 "--size", "64", "--seed", "1"]) == 0
-    return root
 
 
 def _train_cmd(data, out, *extra):
@@ -234,7 +221,7 @@ def test_bad_input_is_one_line(mosaics, tmp_path, capsys):
     torch.save({"model": transnext.create_model("transnext_femto", num_classes=10).state_dict(),
                 "model_name": "transnext_femto"}, cls)
     line = _cli("det", "eval", "--checkpoint", str(cls), "--data-dir", str(mosaics))
-    assert "classification checkpoint of transnext_femto" in line and "not a Mask R-CNN" in line
+    assert "classification checkpoint of transnext_femto" in line and "not a detector" in line
     from transnext.tasks.detection.evaluate import CONFIG_KEY
     from transnext.tasks.detection.maskrcnn import build_maskrcnn
     cfg = dict(arch="mask-rcnn", model="transnext_femto", num_classes=3, pos_bias="extrapolate",

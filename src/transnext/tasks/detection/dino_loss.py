@@ -15,8 +15,7 @@ import torch
 import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torchvision.ops import (box_convert, generalized_box_iou, generalized_box_iou_loss,
-                             sigmoid_focal_loss)
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from .dino_denoising import host_to_device
 
@@ -24,6 +23,31 @@ __all__ = ["match_cost", "hungarian_match", "batched_hungarian_match", "DinoCrit
 
 # mmdet's weight_reduce_loss divides by (avg_factor + float32 eps)
 _EPS = float(torch.finfo(torch.float32).eps)
+
+
+def giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
+    """1 - GIoU of aligned xyxy boxes as mmdet's GIoULoss (union and enclosing area
+    clamped at ``eps``). Written out rather than torchvision's generalized_box_iou_loss,
+    whose boolean-mask indexing makes the host wait on the GPU several times a step."""
+    lt = torch.maximum(pred[..., :2], target[..., :2])
+    rb = torch.minimum(pred[..., 2:], target[..., 2:])
+    overlap = (rb - lt).clamp(min=0).prod(-1)
+    area_p = (pred[..., 2:] - pred[..., :2]).prod(-1)
+    area_t = (target[..., 2:] - target[..., :2]).prod(-1)
+    union = (area_p + area_t - overlap).clamp(min=eps)
+    enclose = (torch.maximum(pred[..., 2:], target[..., 2:])
+               - torch.minimum(pred[..., :2], target[..., :2])).clamp(min=0).prod(-1).clamp(min=eps)
+    return 1 - (overlap / union - (enclose - union) / enclose)
+
+
+def _one_hot_at(shape, index: tuple[Tensor, ...], device) -> Tensor:
+    """Zeros of ``shape`` with ones at ``index`` (one index tensor per dim), set by a
+    scatter on the flat view: advanced-index assignment syncs with the host on CUDA."""
+    flat = torch.zeros(shape, device=device).view(-1)
+    lin = torch.zeros_like(index[0])
+    for i, size in zip(index, shape):
+        lin = lin * size + i
+    return flat.scatter_(0, lin, 1.0).view(shape)
 
 
 def _scale_xyxy(boxes: Tensor, sx: float, sy: float) -> Tensor:
@@ -224,13 +248,11 @@ class DinoCriterion(nn.Module):
 
         losses: dict[str, Tensor] = {}
         k_idx, b_idx, q_idx, g_idx = pieces[2:6]
-        target = torch.zeros_like(m_cls)
-        target[k_idx, b_idx, q_idx, gt_labels[g_idx]] = 1.0
+        target = _one_hot_at(m_cls.shape, (k_idx, b_idx, q_idx, gt_labels[g_idx]), dev)
         loss_cls = self._focal(m_cls, target)
         pred = m_boxes[k_idx, b_idx, q_idx]
         l1_rows = (pred - gt_norm[g_idx]).abs().sum(-1)
-        giou_rows = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy") * scale[b_idx],
-                                             gt_xyxy[g_idx])
+        giou_rows = giou_loss(box_convert(pred, "cxcywh", "xyxy") * scale[b_idx], gt_xyxy[g_idx])
         loss_l1 = pred.new_zeros(num_k).index_add(0, k_idx, l1_rows)
         loss_giou = pred.new_zeros(num_k).index_add(0, k_idx, giou_rows)
         names = [f"d{k}." for k in range(num_layers - 1)] + [""] + (["enc_"] if has_enc else [])
@@ -239,13 +261,12 @@ class DinoCriterion(nn.Module):
         if meta is not None:
             d_cls, d_boxes = cls[:, :, :ndn].float(), boxes[:, :, :ndn].float()
             b_idx, q_idx, g_idx = pieces[6:9]
-            target = torch.zeros_like(d_cls[0])
-            target[b_idx, q_idx, gt_labels[g_idx]] = 1.0
+            target = _one_hot_at(d_cls.shape[1:], (b_idx, q_idx, gt_labels[g_idx]), dev)
             loss_cls = self._focal(d_cls, target.expand_as(d_cls))
             pred = d_boxes[:, b_idx, q_idx]                                # (L, P, 4)
             loss_l1 = (pred - gt_norm[g_idx]).abs().sum((1, 2))
             pred_px = box_convert(pred, "cxcywh", "xyxy") * scale[b_idx]
-            loss_giou = generalized_box_iou_loss(
+            loss_giou = giou_loss(
                 pred_px.reshape(-1, 4), gt_xyxy[g_idx].repeat(num_layers, 1)
             ).view(num_layers, len(dn[0])).sum(1)
             names = [f"d{k}." for k in range(num_layers - 1)] + [""]

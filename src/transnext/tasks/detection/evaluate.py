@@ -31,8 +31,9 @@ def is_training_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and "model" in obj and CONFIG_KEY in obj
 
 
-def build_from_config(cfg: dict, **overrides) -> TransNeXtMaskRCNN:
-    """The model a ``det train`` checkpoint describes (its ``det_config``)."""
+def build_from_config(cfg: dict, init: bool = False, **overrides) -> TransNeXtMaskRCNN:
+    """The model a ``det train`` checkpoint describes (its ``det_config``). ``init``:
+    mmdet's initialisation of the heads (a new run; loading weights needs none)."""
     cfg = dict(cfg)
     arch = cfg.pop("arch", "mask-rcnn")
     if arch not in ARCHS:
@@ -41,8 +42,8 @@ def build_from_config(cfg: dict, **overrides) -> TransNeXtMaskRCNN:
     cfg.update(overrides)
     if arch.startswith("dino"):
         from .dino import build_dino
-        return build_dino(num_levels=5 if arch == "dino-5scale" else 4, init=False, **cfg)
-    return build_maskrcnn(mmdet_init=False, **cfg)
+        return build_dino(num_levels=5 if arch == "dino-5scale" else 4, init=init, **cfg)
+    return build_maskrcnn(mmdet_init=init, **cfg)
 
 
 def load_converted_any(path, **build_kw):

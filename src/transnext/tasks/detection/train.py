@@ -239,7 +239,7 @@ def _train(args, dist) -> dict:
               f"rate is kept: scale --lr yourself if you want the linear rule)", flush=True)
 
     seed_all(args.seed)  # identical initial weights on every rank and across runs
-    model = build_from_config(cfg)
+    model = build_from_config(cfg, init=True)
     model.class_names = list(train_ds.class_names)
     if args.pretrained and resume_obj is None:
         _load_pretrained(model, args.pretrained, cfg)
