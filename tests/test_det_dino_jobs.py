@@ -80,6 +80,8 @@ def test_dino_flags_and_pretrained_files_are_checked(mosaics, tmp_path, capsys):
     assert main(_dino_cmd(mosaics, tmp_path / "o1", "--fpn-channels", "16")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--fpn-channels" in err[0] and "dino-4scale" in err[0]
+    assert main(_dino_cmd(mosaics, tmp_path / "o0", "--compile")) == 2
+    assert "--compile is not available for --arch dino" in capsys.readouterr().err
     assert main(["det", "train", "--recipe", "maskrcnn-fmnist", "--data-dir", str(mosaics),
                  "--output", str(tmp_path / "o2"), "--num-queries", "10"]) == 2
     assert "--num-queries: not an option of --arch mask-rcnn" in capsys.readouterr().err
