@@ -148,7 +148,7 @@ def add_parser(sub) -> None:
 
 MASKRCNN_ONLY = {"fpn_channels", "box_fc", "mask_channels", "anchor_scale", "rpn_batch",
                  "roi_batch"}
-DINO_ONLY = {"num_queries", "dn_queries"}
+DINO_ONLY = {"num_queries", "dn_queries", "backbone_lr_mult"}
 
 
 def _given(args) -> set[str]:

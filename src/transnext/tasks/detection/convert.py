@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ...models.checkpoint import describe, unwrap_state_dict, variant_name
-from ..segmentation.convert import ConvertError, file_variant, head_kind, read_any, state_dict_of
+from ..segmentation.convert import (ConvertError, check_strict, file_variant, head_kind, read_any,
+                                    state_dict_of)
 from .maskrcnn import TransNeXtMaskRCNN, build_maskrcnn
 
 HEAD = "Mask R-CNN"
@@ -144,24 +145,8 @@ def convert_maskrcnn_state_dict(sd: dict, variant: str | None = None,
 
 def _strict_load(net: nn.Module, mapped: dict, unmapped: list, source: str,
                  name_released: bool = True) -> None:
-    own = net.state_dict()
-    missing = [k for k in own if k not in mapped]
-    unexpected = list(unmapped) + [released_name(k) for k in mapped if k not in own]
-    if name_released:
-        missing = [released_name(k) for k in missing]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {_summary(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {_summary(unexpected)}")
-        raise ConvertError(f"{source} does not fit the {HEAD}: " + "; ".join(parts))
-    bad = [f"{released_name(k) if name_released else k} {tuple(mapped[k].shape)} vs model "
-           f"{tuple(own[k].shape)}"
-           for k in own if mapped[k].shape != own[k].shape]
-    if bad:
-        raise ConvertError(f"{source} has tensors of other shapes (another class count or "
-                           f"head width?): {_summary(bad, 4)}")
+    check_strict(source, HEAD, mapped, unmapped, net.state_dict(),
+                 name=released_name if name_released else None)
     net.load_state_dict(mapped, strict=True)
 
 
@@ -229,8 +214,6 @@ def save_converted(model_or_state_dict, out_path, *, variant: str | None = None,
     config beside it (same name, ``.json``; also in the safetensors metadata): variant,
     num_classes, img_size, pos_bias and class names (when known). For a state dict,
     the variant and class count are read off its shapes unless given."""
-    from safetensors.torch import save_file
-    out_path = Path(out_path)
     if isinstance(model_or_state_dict, nn.Module):
         cfg = dict(getattr(model_or_state_dict, "transnext_config", {}))
         sd = model_or_state_dict.state_dict()
@@ -255,30 +238,49 @@ def save_converted(model_or_state_dict, out_path, *, variant: str | None = None,
               "pos_bias": pos_bias or cfg.get("pos_bias", "interpolate"),
               "class_names": list(class_names) if class_names is not None else None,
               "format": "torchvision MaskRCNN (background class 0)"}
+    return write_converted(out_path, sd, config, CONFIG_KEY)
+
+
+def write_converted(out_path, tensors: dict, config: dict, config_key: str) -> tuple[Path, Path]:
+    """``out_path`` (safetensors, the config also in its metadata under ``config_key``)
+    and the config as json beside it (same name, ``.json``)."""
+    from safetensors.torch import save_file
+    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().clone() for k, v in sd.items()}
-    save_file(tensors, str(out_path), metadata={CONFIG_KEY: json.dumps(config)})
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    save_file(tensors, str(out_path), metadata={config_key: json.dumps(config)})
     cfg_path = _config_path(out_path)
     cfg_path.write_text(json.dumps(config, indent=1) + "\n")
     return out_path, cfg_path
 
 
-def read_converted_config(path) -> dict:
-    """The json beside a converted file, else the one in its safetensors metadata."""
+def read_sidecar_config(path, config_key: str = CONFIG_KEY, head: str = HEAD,
+                        fmt: str | None = None) -> dict:
+    """The json beside a converted file, else the one in its safetensors metadata
+    (``config_key``); with ``fmt``, a json of another format is refused."""
     path = Path(path)
     cfg_path = _config_path(path)
     if cfg_path.is_file():
-        return json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text())
+        if fmt is not None and cfg.get("format") != fmt:
+            raise ConvertError(f"{cfg_path} describes {cfg.get('format', 'another model')}, "
+                               f"not a converted {head}")
+        return cfg
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - not a safetensors file: say so
-        raise ConvertError(f"{path} is not a converted {HEAD} file: {e}") from None
-    if CONFIG_KEY not in meta:
-        raise ConvertError(f"{path} has no {HEAD} config (no {cfg_path.name}, none in its "
+        raise ConvertError(f"{path} is not a converted {head} file: {e}") from None
+    if config_key not in meta:
+        raise ConvertError(f"{path} has no {head} config (no {cfg_path.name}, none in its "
                            f"metadata)")
-    return json.loads(meta[CONFIG_KEY])
+    return json.loads(meta[config_key])
+
+
+def read_converted_config(path) -> dict:
+    """The config of a converted Mask R-CNN (json beside it, else its metadata)."""
+    return read_sidecar_config(path)
 
 
 def load_converted(path, **build_kw) -> TransNeXtMaskRCNN:

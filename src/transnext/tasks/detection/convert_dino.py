@@ -19,7 +19,6 @@ that refuses it is read tensors-only (no code run).
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -27,7 +26,9 @@ import torch
 from torch import nn
 
 from ...models.checkpoint import unwrap_state_dict
-from ..segmentation.convert import ConvertError, file_variant, head_kind, read_any, state_dict_of
+from ..segmentation.convert import (ConvertError, check_strict, file_variant, head_kind, read_any,
+                                    state_dict_of)
+from .convert import read_sidecar_config, write_converted
 from .dino import TransNeXtDINO, build_dino
 
 HEAD = "DINO"
@@ -109,12 +110,6 @@ def map_dino_keys(sd: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
     return out, unmapped
 
 
-def _summary(keys, limit: int = 6) -> str:
-    keys = list(keys)
-    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def _arch(levels: int) -> str:
     return f"dino-{levels}scale"
 
@@ -155,22 +150,9 @@ def _check_kind(sd: dict, source: str, model: str | None, levels: int | None) ->
 
 def _strict_load(net: nn.Module, mapped: dict, unmapped: list, source: str,
                  name_released: bool = True) -> None:
-    own = net.state_dict()
-    name = released_dino_name if name_released else (lambda k: k)
-    missing = [name(k) for k in own if k not in mapped]
-    unexpected = list(unmapped) + [name(k) for k in mapped if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {_summary(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {_summary(unexpected)}")
-        raise ConvertError(f"{source} does not fit the {HEAD}: " + "; ".join(parts))
-    bad = [f"{name(k)} {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in own if mapped[k].shape != own[k].shape]
-    if bad:
-        raise ConvertError(f"{source} has tensors of other shapes (another class count, "
-                           f"query count or head width?): {_summary(bad, 4)}")
+    check_strict(source, HEAD, mapped, unmapped, net.state_dict(),
+                 name=released_dino_name if name_released else None,
+                 shape_hint="another class count, query count or head width?")
     net.load_state_dict(mapped, strict=True)
 
 
@@ -258,10 +240,6 @@ def load_released_dino(path_or_state_dict, model: str | TransNeXtDINO | None = N
 
 
 # ---- our own converted files --------------------------------------------------------
-def _config_path(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
 _CONFIG_FIELDS = ("model", "num_classes", "num_levels", "img_size", "pos_bias", "num_queries",
                   "embed_dims", "ffn_dims", "enc_layers", "dec_layers", "num_heads",
                   "num_points")
@@ -272,7 +250,6 @@ def save_converted_dino(model: TransNeXtDINO, out_path, *,
     """Write the model's state dict as ``out_path`` (safetensors) and its config beside it
     (same name, ``.json``; also in the safetensors metadata): variant, arch
     (dino-4scale / dino-5scale), classes, levels, sizes and class names when known."""
-    from safetensors.torch import save_file
     cfg = dict(getattr(model, "transnext_config", {}))
     if not cfg or cfg.get("custom_backbone"):
         raise ConvertError("save_converted_dino takes a TransNeXt DINO built by build_dino")
@@ -283,35 +260,12 @@ def save_converted_dino(model: TransNeXtDINO, out_path, *,
     config.update(arch=_arch(cfg["num_levels"]),
                   class_names=list(class_names) if class_names is not None else None,
                   format=FORMAT)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out_path), metadata={CONFIG_KEY: json.dumps(config)})
-    cfg_path = _config_path(out_path)
-    cfg_path.write_text(json.dumps(config, indent=1) + "\n")
-    return out_path, cfg_path
+    return write_converted(out_path, model.state_dict(), config, CONFIG_KEY)
 
 
 def read_converted_dino_config(path) -> dict:
     """The json beside a converted file, else the one in its safetensors metadata."""
-    path = Path(path)
-    cfg_path = _config_path(path)
-    if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
-        if cfg.get("format") != FORMAT:
-            raise ConvertError(f"{cfg_path} describes {cfg.get('format', 'another model')}, "
-                               f"not a converted {HEAD}")
-        return cfg
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 - not a safetensors file: say so
-        raise ConvertError(f"{path} is not a converted {HEAD} file: {e}") from None
-    if CONFIG_KEY not in meta:
-        raise ConvertError(f"{path} has no {HEAD} config (no {cfg_path.name}, none in its "
-                           f"metadata)")
-    return json.loads(meta[CONFIG_KEY])
+    return read_sidecar_config(path, CONFIG_KEY, HEAD, FORMAT)
 
 
 def load_converted_dino(path, **build_kw) -> TransNeXtDINO:

@@ -1,6 +1,7 @@
-"""Loading a detector (Mask R-CNN, DINO) from any of its forms (``det train`` checkpoint, ``det convert``
-safetensors, released mmdet ``.pth``) and evaluating it on a COCO-layout set: box and
-mask AP with the official COCOeval, each image counted once over ranks."""
+"""Loading a detector (Mask R-CNN, DINO) from any of its forms (``det train``
+checkpoint, ``det convert`` safetensors, released mmdet ``.pth``) and evaluating it on a
+COCO-layout set: box (and mask) AP with the official COCOeval, each image counted once
+over ranks."""
 from __future__ import annotations
 
 import logging

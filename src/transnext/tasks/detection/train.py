@@ -109,7 +109,7 @@ def _load_pretrained(model, path: str, cfg: dict) -> None:
                                 f"widths?): {' '.join(str(e).split())[:300]}") from None
         elif "seg_config" in obj:
             raise UserError(f"--pretrained {path} is {_other_kind(obj)}, not a backbone or "
-                            f"Mask R-CNN checkpoint")
+                            f"detector checkpoint")
         elif _released_kind(obj, path) in ("Mask R-CNN", "DINO"):
             kind, want = _released_kind(obj, path), "DINO" if is_dino(cfg["arch"]) else "Mask R-CNN"
             if kind != want:

@@ -116,10 +116,15 @@ def _summary(keys, limit=6) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _check_head_keys(source, head_name: str, head: dict, unmapped: list, own: dict) -> None:
-    """Strict: every model head key in the file and nothing else, each of the model's shape."""
-    missing = [k for k in own if k not in head]
-    unexpected = unmapped + [k for k in head if k not in own]
+def check_strict(source: str, head_name: str, mapped: dict, unmapped: list, own: dict,
+                 name=None, shape_hint: str = "another class count or head width?") -> None:
+    """Strict: every key of the model (``own``) in ``mapped`` and nothing else, each of the
+    model's shape; else one ConvertError naming the missing, unexpected or mis-shaped keys
+    (``unmapped``: file keys no table entry took; ``name``: how to print a model key, e.g.
+    its released name). Shared by the segmentation and detection converters."""
+    name = name or (lambda k: k)
+    missing = [name(k) for k in own if k not in mapped]
+    unexpected = list(unmapped) + [name(k) for k in mapped if k not in own]
     if missing or unexpected:
         parts = []
         if missing:
@@ -127,11 +132,11 @@ def _check_head_keys(source, head_name: str, head: dict, unmapped: list, own: di
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} key(s): {_summary(unexpected)}")
         raise ConvertError(f"{source} does not fit the {head_name}: " + "; ".join(parts))
-    bad = [f"{k} {tuple(head[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in own if head[k].shape != own[k].shape]
+    bad = [f"{name(k)} {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if mapped[k].shape != own[k].shape]
     if bad:
-        raise ConvertError(f"{source} has head tensors of other shapes (another class count "
-                           f"or head width?): {_summary(bad, 4)}")
+        raise ConvertError(f"{source} has tensors of other shapes ({shape_hint}): "
+                           f"{_summary(bad, 4)}")
 
 
 def load_upernet_state(model: TransNeXtUperNet, sd: dict, source: str) -> None:
@@ -145,7 +150,7 @@ def load_upernet_state(model: TransNeXtUperNet, sd: dict, source: str) -> None:
         raise ConvertError(f"{source} holds a UperNet on {have}, but the model is {want}")
     head, unmapped = map_head_keys(sd)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
-    _check_head_keys(source, "UperNet", head, unmapped, own)
+    check_strict(source, "UperNet", head, unmapped, own)
     backbone = {k: v for k, v in sd.items() if k.startswith("backbone.")}
     apply_checkpoint(model.backbone.model, {"state_dict": backbone}, source, strict=True)
     missing_h, unexpected_h = model.load_state_dict(head, strict=False)
@@ -282,7 +287,7 @@ def load_mask2former_state(model, sd: dict, source: str) -> None:
     head, unmapped = map_mask2former_keys(sd)
     own = {k: v for k, v in model.state_dict().items()
            if not k.startswith(_M2F_BACKBONE) and k not in _M2F_DERIVED}
-    _check_head_keys(source, "Mask2Former", head, unmapped, own)
+    check_strict(source, "Mask2Former", head, unmapped, own)
     backbone = {k: v for k, v in sd.items() if k.startswith("backbone.")}
     apply_checkpoint(model.model.pixel_level_module.encoder.model, {"state_dict": backbone},
                      source, strict=True)
