@@ -63,26 +63,57 @@ MASKRCNN_KEY_MAP = [
     ("roi_head.mask_head.conv_logits.{p}", "roi_heads.mask_predictor.mask_fcn_logits.{p}",
      _bg_slot(1)),
 ]
-_FIELDS = {"n": r"\d+", "p": "weight|bias", "rest": ".+"}
+class KeyTable:
+    """Rows of (released key template, model key template, weight change or None);
+    ``{name}`` fields match the regexes in ``fields``. Read forwards to convert a file,
+    backwards to name a model key in released terms."""
+
+    FIELDS = {"n": r"\d+", "m": r"\d+", "p": "weight|bias", "rest": ".+"}
+
+    def __init__(self, rows, fields: dict | None = None):
+        self.fields = {**self.FIELDS, **(fields or {})}
+        self.rows = [(self._re(a), b, self._re(b), a, (r[2] if len(r) > 2 else None))
+                     for r in rows for a, b in [r[:2]]]
+
+    def _re(self, t: str) -> re.Pattern:
+        pattern = re.escape(t)
+        for name, rx in self.fields.items():
+            pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{rx})")
+        return re.compile(pattern)
+
+    def released_name(self, key: str) -> str:
+        for _, _, rx, src, _ in self.rows:
+            m = rx.fullmatch(key)
+            if m:
+                return src.format(**m.groupdict())
+        return key
+
+    def map(self, sd: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Released keys -> model keys; returns (mapped, unmapped file keys). Derived
+        backbone tables that some exports carry are dropped (rebuilt per size)."""
+        backbone = unwrap_state_dict({"state_dict": {k: v for k, v in sd.items()
+                                                     if k.startswith("backbone.")}})
+        kept = {f"backbone.{k}" for k in backbone}
+        out, unmapped = {}, []
+        for k, v in sd.items():
+            if k.startswith("backbone.") and k not in kept:
+                continue
+            for rx, target, _, _, change in self.rows:
+                m = rx.fullmatch(k)
+                if m:
+                    out[target.format(**m.groupdict())] = change(v) if change is not None else v
+                    break
+            else:
+                unmapped.append(k)
+        return out, unmapped
 
 
-def _template_re(t: str) -> re.Pattern:
-    pattern = re.escape(t)
-    for name, rx in _FIELDS.items():
-        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{rx})")
-    return re.compile(pattern)
-
-
-_MAP = [(_template_re(a), b, _template_re(b), a, f) for a, b, f in MASKRCNN_KEY_MAP]
+_TABLE = KeyTable(MASKRCNN_KEY_MAP)
 
 
 def released_name(key: str) -> str:
     """The released (mmdet) name of a torchvision model key."""
-    for _, _, rx, src, _ in _MAP:
-        m = rx.fullmatch(key)
-        if m:
-            return src.format(**m.groupdict())
-    return key
+    return _TABLE.released_name(key)
 
 
 def _summary(keys, limit: int = 6) -> str:
@@ -92,23 +123,8 @@ def _summary(keys, limit: int = 6) -> str:
 
 
 def map_keys(sd: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Released keys -> torchvision keys by the table; returns (mapped, unmapped keys).
-    Derived backbone tables that some exports carry are dropped (rebuilt per size)."""
-    backbone = unwrap_state_dict({"state_dict": {k: v for k, v in sd.items()
-                                                 if k.startswith("backbone.")}})
-    kept = {f"backbone.{k}" for k in backbone}
-    out, unmapped = {}, []
-    for k, v in sd.items():
-        if k.startswith("backbone.") and k not in kept:
-            continue
-        for rx, target, _, _, change in _MAP:
-            m = rx.fullmatch(k)
-            if m:
-                out[target.format(**m.groupdict())] = change(v) if change is not None else v
-                break
-        else:
-            unmapped.append(k)
-    return out, unmapped
+    """Released keys -> torchvision keys by the table; returns (mapped, unmapped keys)."""
+    return _TABLE.map(sd)
 
 
 def released_variant(sd: dict, source: str = "the state dict", model_name: str | None = None) -> str:

@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...models.checkpoint import unwrap_state_dict
 from ..segmentation.convert import (ConvertError, check_strict, file_variant, head_kind, read_any,
                                     state_dict_of)
-from .convert import read_sidecar_config, write_converted
+from .convert import KeyTable, read_sidecar_config, write_converted
 from .dino import TransNeXtDINO, build_dino
 
 HEAD = "DINO"
@@ -65,49 +64,20 @@ DINO_KEY_MAP = [
     ("bbox_head.reg_branches.{n}.{m}.{p}", "bbox_head.reg_branches.{n}.{m}.{p}"),
     ("dn_query_generator.label_embedding.weight", "dn_query_generator.label_embedding.weight"),
 ]
-_FIELDS = {"n": r"\d+", "m": r"\d+", "p": "weight|bias", "msda": _MSDA,
-           "mha": r"in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias", "rest": ".+"}
-
-
-def _template_re(t: str) -> re.Pattern:
-    pattern = re.escape(t)
-    for name, rx in _FIELDS.items():
-        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{rx})")
-    return re.compile(pattern)
-
-
-_MAP = [(_template_re(a), b, _template_re(b), a) for a, b in DINO_KEY_MAP]
+_TABLE = KeyTable(DINO_KEY_MAP, {
+    "msda": _MSDA, "mha": r"in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias"})
 # names only our layout has (the table's renames), to tell a converted state dict
 _OWN_NAME = re.compile(r"(en|de)coder\.layers\.\d+\.(ffn\.fc[12]|self_attn\.(in|out)_proj)")
 
 
 def released_dino_name(key: str) -> str:
     """The released (mmdet) name of a model key."""
-    for _, _, rx, src in _MAP:
-        m = rx.fullmatch(key)
-        if m:
-            return src.format(**m.groupdict())
-    return key
+    return _TABLE.released_name(key)
 
 
 def map_dino_keys(sd: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Released keys -> model keys by the table; returns (mapped, unmapped file keys).
-    Derived backbone tables that some exports carry are dropped (rebuilt per size)."""
-    backbone = unwrap_state_dict({"state_dict": {k: v for k, v in sd.items()
-                                                 if k.startswith("backbone.")}})
-    kept = {f"backbone.{k}" for k in backbone}
-    out, unmapped = {}, []
-    for k, v in sd.items():
-        if k.startswith("backbone.") and k not in kept:
-            continue
-        for rx, target, _, _ in _MAP:
-            m = rx.fullmatch(k)
-            if m:
-                out[target.format(**m.groupdict())] = v
-                break
-        else:
-            unmapped.append(k)
-    return out, unmapped
+    """Released keys -> model keys by the table; returns (mapped, unmapped file keys)."""
+    return _TABLE.map(sd)
 
 
 def _arch(levels: int) -> str:
