@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import PY, REPO, run_ok, subprocess_env, torchrun
+from conftest import FMNIST, PY, REPO, needs_fmnist, run_ok, subprocess_env, torchrun
 from transnext.cli import main
 from transnext.data.fashion_mnist import DataError
 from transnext.tasks.segmentation.data import SegDataset, shift_labels
 from transnext.tasks.segmentation.inference import predict, slide, whole
 from transnext.tasks.segmentation.metrics import SegMetric
 from transnext.tasks.segmentation.model import build_upernet
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian's dataset-fashion-mnist "
-                                                               "is not installed")
-
 
 @pytest.fixture(scope="module")
 def mosaics(tmp_path_factory):

@@ -174,6 +174,17 @@ def load_maskrcnn_state(net: TransNeXtMaskRCNN, sd: dict, source: str = "the sta
     _strict_load(net, mapped, unmapped, source)
 
 
+def read_released(path_or_state_dict, source: str | None = None) -> tuple[dict, dict, str]:
+    """(file dict, its state dict, the name messages use) of a released ``.pth`` given as a
+    path (read with ``weights_only=True``) or as its dict already read."""
+    if isinstance(path_or_state_dict, dict):
+        source, obj = source or "the state dict", path_or_state_dict
+    else:
+        source = source or f"checkpoint {path_or_state_dict}"
+        obj = read_any(path_or_state_dict)
+    return obj, state_dict_of(obj, source), source
+
+
 def load_released_maskrcnn(path_or_state_dict, model: str | TransNeXtMaskRCNN | None = None,
                            *, source: str | None = None, **build_kw) -> TransNeXtMaskRCNN:
     """The model of a released ``mask_rcnn_transnext_{v}_fpn_1x_coco_in1k.pth`` (a path,
@@ -183,12 +194,7 @@ def load_released_maskrcnn(path_or_state_dict, model: str | TransNeXtMaskRCNN | 
     ``model``: None builds the file's variant; a variant name must match the file's; a
     built ``TransNeXtMaskRCNN`` is loaded in place. ``source`` names a dict in messages.
     ``build_kw`` go to :func:`build_maskrcnn` (the class count comes from the file)."""
-    if isinstance(path_or_state_dict, dict):
-        source, obj = source or "the state dict", path_or_state_dict
-    else:
-        source = source or f"checkpoint {path_or_state_dict}"
-        obj = read_any(path_or_state_dict)
-    sd = state_dict_of(obj, source)
+    obj, sd, source = read_released(path_or_state_dict, source)
     names = _meta_classes(obj)
     if isinstance(model, nn.Module):
         load_maskrcnn_state(model, sd, source)

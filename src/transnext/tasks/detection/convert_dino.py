@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..segmentation.convert import (ConvertError, check_strict, file_variant, head_kind, read_any,
-                                    state_dict_of)
-from .convert import KeyTable, read_sidecar_config, write_converted
+from ..segmentation.convert import ConvertError, check_strict, file_variant, head_kind
+from .convert import KeyTable, read_released, read_sidecar_config, write_converted
 from .dino import TransNeXtDINO, build_dino
 
 HEAD = "DINO"
@@ -186,12 +185,7 @@ def load_released_dino(path_or_state_dict, model: str | TransNeXtDINO | None = N
     build_dino's 8 and 4 unless given); a variant name must match the file's; a built
     ``TransNeXtDINO`` is loaded in place (its variant and levels must match).
     ``source`` names a dict in messages; ``build_kw`` go to :func:`build_dino`."""
-    if isinstance(path_or_state_dict, dict):
-        source, obj = source or "the state dict", path_or_state_dict
-    else:
-        source = source or f"checkpoint {path_or_state_dict}"
-        obj = read_any(path_or_state_dict)
-    sd = state_dict_of(obj, source)
+    obj, sd, source = read_released(path_or_state_dict, source)
     names = _meta_classes(obj)
     if isinstance(model, nn.Module):
         load_dino_state(model, sd, source)
