@@ -298,10 +298,37 @@ FACTORED_CASES = [
 
 
 @needs_here
+@pytest.mark.parametrize("read", ["expand", "gather"])
 @pytest.mark.parametrize("case", FACTORED_CASES, ids=lambda c: "B{}_{}x{}_h{}_d{}_pool{}_J{}_w{}"
                          .format(*c[:5], "x".join(map(str, c[5])), c[6], int(c[7])))
-def test_factored_bias_matches_dense_reference(case):
+def test_factored_bias_matches_dense_reference(case, read, monkeypatch):
+    from transnext.ops import triton_kernels as tk
+    monkeypatch.setitem(tk.TUNE, "factored", read)
     check_factored_case(*case)
+
+
+@needs_here
+@pytest.mark.parametrize("taps,weighted", [(1, False), (2, True), (4, True)])
+def test_factored_expand_and_grad_fold(taps, weighted):
+    """The two bias kernels alone: the written-out bias equals FactoredBias.dense() bit for
+    bit (same taps, same order), and the folded gradient equals autograd through dense()."""
+    from transnext.ops.position_bias_triton import expand_factored, reduce_factored_grad
+    H, W, pool = 7, 5, (3, 4)
+    fb = make_factored(H, W, 3, pool, taps, weighted, seed=taps)
+    w = fb.w if fb.w is not None else torch.empty(0, device=DEV)
+    dense = expand_factored(fb.table.detach(), fb.idx, w, (H, W), pool)
+    if taps == 1 or not CUDA:  # compiled, w * t + acc may become one fused multiply-add
+        assert torch.equal(dense, fb.dense().detach())
+    torch.testing.assert_close(dense, fb.dense().detach(), rtol=1e-6, atol=1e-6)
+    g = torch.randn(dense.shape, generator=torch.Generator().manual_seed(3)).to(DEV)
+    want, = torch.autograd.grad(fb.dense(), fb.table, g)
+    got = reduce_factored_grad(g, fb.idx, w, fb.table.shape[1], (H, W), pool)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # rows no pair uses (with one tap there are some) get exactly zero
+    unused = torch.ones(fb.table.shape[1], dtype=torch.bool)
+    unused[fb.idx.long().reshape(-1).cpu()] = False
+    assert (got[:, unused.to(DEV)] == 0).all() and (taps > 1 or unused.any())
 
 
 @needs_here

@@ -34,8 +34,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_launch import kernel, sm_count
+
 # ----------------------------------------------------------------------------
-# kernels (plain functions; see _kernel() for how they are wrapped)
+# kernels (plain functions; triton_launch.kernel() wraps them)
 # ----------------------------------------------------------------------------
 
 
@@ -187,31 +189,6 @@ def _bwd_kernel(
 # launch helpers
 # ----------------------------------------------------------------------------
 
-_KERNELS: dict = {}
-_SM_COUNT: dict = {}
-
-
-def _kernel(fn, interpret: bool):
-    key = (fn.__name__, interpret)
-    k = _KERNELS.get(key)
-    if k is None:
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction
-            k = InterpretedFunction(fn)
-        else:
-            k = triton.jit(fn)
-        _KERNELS[key] = k
-    return k
-
-
-def _sm_count(dev) -> int:
-    idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    n = _SM_COUNT.get(idx)
-    if n is None:
-        n = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return n
-
-
 # Launch configuration per kernel (CUDA): rows per program for a 32-channel head with 16-bit
 # value (BLOCK_R) or fp32 value (BLOCK_R_FP32), scaled by 32/D for other head sizes; warps.
 # BLOCK_R is halved (down to MIN_BLOCK_R) while the grid would give fewer than
@@ -234,7 +211,7 @@ def _cfg(name: str, rows: int, head_d: int, value: Tensor):
     br = t["BLOCK_R_FP32" if value.dtype == torch.float32 else "BLOCK_R"]
     br = triton.next_power_of_2(max(1, br * 32 // D))
     lo = min(br, t["MIN_BLOCK_R"])
-    while br > lo and triton.cdiv(rows, br) < t["MIN_PROGRAMS_PER_SM"] * _sm_count(value.device):
+    while br > lo and triton.cdiv(rows, br) < t["MIN_PROGRAMS_PER_SM"] * sm_count(value.device):
         br //= 2
     return D, br, dict(num_warps=t["num_warps"], num_stages=t["num_stages"])
 
@@ -283,7 +260,7 @@ def _fwd_impl(value, spatial_shapes, level_start_index, sampling_locations, atte
         return out.zero_()
     D, BR, kw = _cfg("fwd", R, Dh, value)
     grid = (triton.cdiv(R, BR),)
-    _kernel(_fwd_kernel, not value.is_cuda)[grid](
+    kernel(_fwd_kernel, not value.is_cuda)[grid](
         value, shapes, starts, loc, aw, out, *value.stride(), R, Q * M, M,
         L=L, P=P, HEAD_D=Dh, D=D, BLOCK_R=BR, **kw)
     return out
@@ -311,7 +288,7 @@ def _bwd_impl(value, spatial_shapes, level_start_index, sampling_locations, atte
     # rather than empty tensors' null pointers
     kdv = dv if need_dv else dv.new_empty(1)
     kdloc, kdaw = (dloc, daw) if need_dla else (loc.new_empty(1), aw.new_empty(1))
-    _kernel(_bwd_kernel, not value.is_cuda)[grid](
+    kernel(_bwd_kernel, not value.is_cuda)[grid](
         value, shapes, starts, loc, aw, dout, kdv, kdloc, kdaw, *value.stride(), R, Q * M, M, S,
         L=L, P=P, HEAD_D=Dh, D=D, BLOCK_R=BR, NEED_DV=need_dv, NEED_DLA=need_dla, **kw)
     return dv.to(value.dtype), dloc, daw

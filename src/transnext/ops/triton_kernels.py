@@ -35,12 +35,14 @@ import triton.language as tl
 from torch import Tensor
 
 from .position_bias import FactoredBias
+from .position_bias_triton import expand_factored, reduce_factored_grad
+from .triton_launch import kernel, sm_count
 
 _EPS = 1e-12  # F.normalize's eps
 
 
 # ----------------------------------------------------------------------------
-# kernels (plain functions; see _kernel() for how they are wrapped)
+# kernels (plain functions; triton_launch.kernel() wraps them)
 # ----------------------------------------------------------------------------
 
 def _fwd_kernel(
@@ -186,7 +188,7 @@ def _bwd_q_kernel(
     HEAD_D: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr, WWP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, IS_F32: tl.constexpr, PREC: tl.constexpr,
     ALIGN: tl.constexpr, ONE_PB: tl.constexpr, SAVE_RES: tl.constexpr, JT: tl.constexpr,
-    HAS_W: tl.constexpr,
+    HAS_W: tl.constexpr, EXCL: tl.constexpr,
 ):
     # strides are passed divided by ALIGN so that the compiler sees rows aligned for vector loads
     sqb, sqn, sqh = sqb * ALIGN, sqn * ALIGN, sqh * ALIGN
@@ -330,6 +332,12 @@ def _bwd_q_kernel(
                                   sem="relaxed")
             elif ONE_PB:
                 dpb_acc += ds
+            elif EXCL:  # one batch group: this program alone owns its (tile, head) slab
+                dpb_ptr = dpb_base + offs_n[:, None] * P + offs_p[None, :]
+                if b == b0:
+                    tl.store(dpb_ptr, ds, mask=mnp)
+                else:
+                    tl.store(dpb_ptr, tl.load(dpb_ptr, mask=mnp, other=0.0) + ds, mask=mnp)
             else:
                 tl.atomic_add(dpb_base + offs_n[:, None] * P + offs_p[None, :], ds, mask=mnp,
                               sem="relaxed")
@@ -542,31 +550,6 @@ def _bwd_kv_pool_kernel(
 # lazy wrapping: compiled for CUDA, interpreted for CPU tensors
 # ----------------------------------------------------------------------------
 
-_KERNELS: dict = {}
-_SM_COUNT: dict = {}
-
-
-def _sm_count(dev) -> int:
-    idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    n = _SM_COUNT.get(idx)
-    if n is None:
-        n = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return n
-
-
-def _kernel(fn, interpret: bool):
-    key = (fn.__name__, interpret)
-    k = _KERNELS.get(key)
-    if k is None:
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction
-            k = InterpretedFunction(fn)
-        else:
-            k = triton.jit(fn)
-        _KERNELS[key] = k
-    return k
-
-
 def _prec(dtype) -> str:
     # fp32 inputs: exact fp32 dots; 16-bit inputs: tf32 for the fp32 (q_tilde, k_hat) products.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -602,6 +585,10 @@ TUNE = {
                   ONE_PB_MAX=0),
     "bwd_kv_local": dict(BLOCK_N=32, num_warps=4, num_stages=2),
     "bwd_kv_pool": dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=2, programs_per_sm=8),
+    # How the kernels take a factored pool bias (ops.position_bias): "expand" writes it out
+    # per call (ops.position_bias_triton) and folds the gradient back; "gather" reads the
+    # table inside the kernels (no (h, N, P) tensor at all; slower, see that module).
+    "factored": "expand",
 }
 
 
@@ -643,6 +630,11 @@ def _small(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
+def _expands(pb_idx) -> bool:
+    """A factored bias (non-empty index) that this call writes out (TUNE["factored"])."""
+    return pb_idx.numel() > 0 and TUNE["factored"] == "expand"
+
+
 def _fact(pb_idx, pb_w, pool_hw):
     """Kernel arguments of the bias form: JT taps (0: dense), HAS_W, HK, WK."""
     jt = pb_idx.shape[0] if pb_idx.numel() else 0
@@ -653,6 +645,9 @@ def _fwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
               rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w, H, W, window,
               pool_h, pool_w, save_residual):
     _check(q, k, v, k_pool, v_pool, pool_bias, pb_idx, (pool_h, pool_w), H, W, window)
+    if _expands(pb_idx):
+        pool_bias = expand_factored(pool_bias, pb_idx, pb_w, (H, W), (pool_h, pool_w))
+        pb_idx, pb_w = pb_idx[:0], pb_w[:0]
     fk, (HK, WK) = _fact(pb_idx, pb_w, (pool_h, pool_w))
     B, N, h, d = q.shape
     P = k_pool.shape[1]
@@ -668,7 +663,7 @@ def _fwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
                                                    learnable_tokens, learnable_bias))
     grid = (triton.cdiv(N, BLOCK_N), B * h)
     al = _align(q, k, v, k_pool, v_pool)
-    _kernel(_fwd_kernel, interp)[grid](
+    kernel(_fwd_kernel, interp)[grid](
         q, k, v, k_pool, v_pool, pool_bias, pb_idx, pb_w, qe, temp, rbl, lt, lb, out, lse,
         ores if save_res else out,
         *_sd(q, al), *_sd(k, al), *_sd(v, al), *_sd(k_pool, al), *_sd(v_pool, al),
@@ -684,6 +679,11 @@ def _fwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
 def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
               rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w, out, out_res, lse,
               dout, H, W, window, pool_h, pool_w):
+    table = None
+    if _expands(pb_idx):  # write the bias out again (not kept from the forward: memory)
+        table, idx_f, w_f = pool_bias, pb_idx, pb_w
+        pool_bias = expand_factored(table, idx_f, w_f, (H, W), (pool_h, pool_w))
+        pb_idx, pb_w = pb_idx[:0], pb_w[:0]
     fk, (HK, WK) = _fact(pb_idx, pb_w, (pool_h, pool_w))
     B, N, h, d = q.shape
     P = k_pool.shape[1]
@@ -711,24 +711,27 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     n_tiles = triton.cdiv(N, BLOCK_N)
     # batch groups: enough programs to fill the GPU; the pool_bias / parameter grads are fp32
     # atomic adds contended only by the G groups (a program loops over its group's batches).
-    if interp:
-        G = min(B, 2)
+    if interp:  # B = 2: one group (the exclusive dpb path), B >= 3: two (atomics)
+        G = 1 if B <= 2 else 2
     else:
         target = (TUNE["bwd_q"]["programs_per_sm"]
-                  * _sm_count(dev))
+                  * sm_count(dev))
         G = max(1, min(B, triton.cdiv(target, n_tiles * h)))
     b_per_g = triton.cdiv(B, G)
     G = triton.cdiv(B, b_per_g)
     zf = dict(dtype=f32, device=dev)
-    # the bias grad in the bias's own form (and strides: the kernel reuses PB's)
-    dpb_f = torch.zeros(pool_bias.shape, **zf) if fk["JT"] else torch.zeros((h, N, P), **zf)
+    # the bias grad in the bias's own form (and strides: the kernel reuses PB's); with one
+    # batch group the dense form is stored, not added, by the one program owning each cell
+    excl = G == 1 and B > 0 and not one_pb and fk["JT"] == 0
+    dpb_f = (torch.zeros(pool_bias.shape, **zf) if fk["JT"] else
+             torch.empty((h, N, P), **zf) if excl else torch.zeros((h, N, P), **zf))
     dqe_f = torch.zeros(query_embedding.shape, **zf)
     dtemp_f = torch.zeros(temperature.shape, **zf)
     drbl_f = torch.zeros(rel_bias_local.shape, **zf)
     dlt_f = torch.zeros(learnable_tokens.shape, **zf)
     dlb_f = torch.zeros(learnable_bias.shape, **zf)
 
-    _kernel(_bwd_q_kernel, interp)[(n_tiles, h, G)](
+    kernel(_bwd_q_kernel, interp)[(n_tiles, h, G)](
         q, k, v, k_pool, v_pool, pool_bias, pb_idx, pb_w, qe, temp, rbl, lt, lb, out,
         out_res if out_res.numel() else out, lse, dout, dq, delta, dpb_f, dqe_f, dtemp_f, drbl_f,
         dlt_f, dlb_f,
@@ -737,10 +740,10 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
         B, N, P, H, W, h, b_per_g, HK, WK,
         HEAD_D=d, D=D, WIN=window, WWP=WWP, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
         IS_F32=is_f32, PREC=_prec(q.dtype), ALIGN=al, ONE_PB=one_pb,
-        SAVE_RES=out_res.numel() > 0, **fk, **kw,
+        SAVE_RES=out_res.numel() > 0, EXCL=excl, **fk, **kw,
     )
     D, BLOCK_N, _, kw = _cfg("bwd_kv_local", N, P, d, q.is_cuda)
-    _kernel(_bwd_kv_local_kernel, interp)[(triton.cdiv(N, BLOCK_N), B * h)](
+    kernel(_bwd_kv_local_kernel, interp)[(triton.cdiv(N, BLOCK_N), B * h)](
         q, k, v, qe, temp, rbl, lt, lb, lse, delta, dout, dk, dv,
         *_sd(q, al), *_sd(k, al), *_sd(v, al), *_sd(dout, al),
         N, P, H, W, h,
@@ -752,7 +755,7 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
         split = 2 if N > BLOCK_N else 1
     else:
         target = (TUNE["bwd_kv_pool"]["programs_per_sm"]
-                  * _sm_count(dev))
+                  * sm_count(dev))
         n_it = triton.cdiv(N, BLOCK_N)
         # split the query loop only where it is long (the partials cost ~12 small torch ops)
         split = max(1, min(n_it // 64, target // (p_tiles * B * h))) if n_it >= 128 else 1
@@ -761,7 +764,7 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
         dvp_p = torch.empty((split, B, P, h, D), dtype=f32, device=dev)
     else:
         dkph_p = dvp_p = dkp  # unused
-    _kernel(_bwd_kv_pool_kernel, interp)[(p_tiles, B * h, split)](
+    kernel(_bwd_kv_pool_kernel, interp)[(p_tiles, B * h, split)](
         q, k_pool, v_pool, pool_bias, pb_idx, pb_w, qe, temp, lse, delta, dout, dkp, dvp,
         dkph_p, dvp_p,
         *_sd(q, al), *_sd(k_pool, al), *_sd(v_pool, al), *_strides(pool_bias), *_sd(dout, al),
@@ -783,6 +786,9 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     def cast(g, like):
         return g if g.dtype == like.dtype else g.to(like.dtype)
 
+    if table is not None:
+        dpb_f = reduce_factored_grad(dpb_f, idx_f, w_f, table.shape[1], (H, W), (pool_h, pool_w))
+        pool_bias = table
     dpb = cast(dpb_f, pool_bias)
     dqe, dtemp = cast(dqe_f, query_embedding), cast(dtemp_f, temperature)
     drbl = cast(drbl_f, rel_bias_local)

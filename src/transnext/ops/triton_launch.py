@@ -1,0 +1,32 @@
+"""How the package's Triton kernels are launched: plain Python functions wrapped lazily,
+``triton.jit`` for CUDA tensors and triton's interpreter for CPU tensors (tests),
+whatever ``TRITON_INTERPRET`` says; and the GPU's multiprocessor count for grid sizing."""
+from __future__ import annotations
+
+import torch
+import triton
+
+_KERNELS: dict = {}
+_SM_COUNT: dict = {}
+
+
+def kernel(fn, interpret: bool):
+    """``fn`` compiled (CUDA) or interpreted (CPU), wrapped once per process."""
+    key = (fn.__module__, fn.__qualname__, interpret)
+    k = _KERNELS.get(key)
+    if k is None:
+        if interpret:
+            from triton.runtime.interpreter import InterpretedFunction
+            k = InterpretedFunction(fn)
+        else:
+            k = triton.jit(fn)
+        _KERNELS[key] = k
+    return k
+
+
+def sm_count(dev) -> int:
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    n = _SM_COUNT.get(idx)
+    if n is None:
+        n = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
