@@ -547,7 +547,7 @@ def _bwd_kv_pool_kernel(
 
 
 # ----------------------------------------------------------------------------
-# lazy wrapping: compiled for CUDA, interpreted for CPU tensors
+# launch helpers (triton_launch.kernel wraps: compiled for CUDA, interpreted for CPU)
 # ----------------------------------------------------------------------------
 
 def _prec(dtype) -> str:
