@@ -2,7 +2,6 @@
 trees through torch's DataLoader with distributed samplers."""
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 

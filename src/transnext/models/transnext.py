@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 from contextlib import nullcontext
-from functools import partial
 
 import torch
 import torch.nn as nn

@@ -200,7 +200,6 @@ def _bwd_q_kernel(
     pid_n = tl.program_id(0)
     hh = tl.program_id(1)
     g = tl.program_id(2)
-    n_tiles = tl.num_programs(0)
     R: tl.constexpr = WIN // 2
     WW: tl.constexpr = WIN * WIN
 

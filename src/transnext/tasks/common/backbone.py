@@ -9,7 +9,6 @@ hub look-up ever happens here.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ...models import ARCHS, PRETRAIN_SIZE
 

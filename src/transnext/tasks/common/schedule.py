@@ -32,6 +32,15 @@ class TimeBudget:
     def elapsed(self) -> float:
         return time.time() - self.t0
 
+    def expected_iters(self, it: int, iters: int) -> int:
+        """How many iterations the run will likely reach: the pace so far over the whole
+        budget, at most ``iters`` (the progress bar's total, so that its time estimate is the
+        budget's and not that of ``iters`` iterations)."""
+        frac = self.elapsed() / self.train_s
+        if it <= 0 or frac <= 0:
+            return iters
+        return max(it, min(iters, round(it / frac)))
+
     def progress(self, it: int, iters: int, device) -> float:
         p = torch.tensor([max(it / iters, self.elapsed() / self.train_s)], dtype=torch.float64,
                          device=device)

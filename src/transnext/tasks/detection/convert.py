@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ...models.checkpoint import describe, unwrap_state_dict, variant_name
-from ..segmentation.convert import (ConvertError, check_strict, file_variant, head_kind, read_any,
-                                    state_dict_of)
+from ..common.released import (ConvertError, _summary, check_strict, file_variant, head_kind,
+                               read_any, state_dict_of)
 from .maskrcnn import TransNeXtMaskRCNN, build_maskrcnn
 
 HEAD = "Mask R-CNN"
@@ -114,12 +114,6 @@ _TABLE = KeyTable(MASKRCNN_KEY_MAP)
 def released_name(key: str) -> str:
     """The released (mmdet) name of a torchvision model key."""
     return _TABLE.released_name(key)
-
-
-def _summary(keys, limit: int = 6) -> str:
-    keys = list(keys)
-    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
 
 
 def map_keys(sd: dict) -> tuple[dict[str, torch.Tensor], list[str]]:

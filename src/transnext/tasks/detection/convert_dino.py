@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..segmentation.convert import ConvertError, check_strict, file_variant, head_kind
+from ..common.released import ConvertError, check_strict, file_variant, head_kind
 from .convert import KeyTable, read_released, read_sidecar_config, write_converted
 from .dino import TransNeXtDINO, build_dino
 

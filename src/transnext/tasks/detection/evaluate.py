@@ -15,7 +15,7 @@ from ...engine.errors import UserError
 from ...engine.evaluate import autocast
 from ...engine.loaders import ShardSampler
 from ...models import CheckpointError
-from ..segmentation.convert import head_kind, read_any, state_dict_of
+from ..common.released import head_kind, read_any, state_dict_of
 from .coco import CocoDetection, collate
 from .convert import load_converted, load_released_maskrcnn
 from .evaluation import CocoEvaluator

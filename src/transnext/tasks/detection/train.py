@@ -24,7 +24,7 @@ from ...engine.train import ThreadProbe, seed_all, set_deterministic
 from ...models import CheckpointError, apply_checkpoint
 from ..common.checkpoints import backward_and_step, save_last_and_best, say_interrupted
 from ..common.schedule import TimeBudget, warmup_factor
-from ..segmentation.convert import head_kind, read_any, state_dict_of
+from ..common.released import head_kind, read_any, state_dict_of
 from . import recipes
 from .coco import CocoDetection, RandomHorizontalFlip, collate, resolve_coco
 from .convert import load_maskrcnn_state
@@ -339,6 +339,8 @@ def _train(args, dist) -> dict:
                              args.time_budget, it, it / per_epoch)
                 if bar is not None:
                     bar.total = it
+            elif bar is not None and budget is not None and it % 10 == 0:
+                bar.total = budget.expected_iters(it, total)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss.item():.3f}", **{
                                     k.replace("loss_", ""): f"{v:.3f}"

@@ -9,14 +9,10 @@ objects that refuses is read by ``safe_pickle`` (tensors only, no code run).
 from __future__ import annotations
 
 import re
-import zipfile
-from pathlib import Path
 
-import torch
-
-from ...models import CheckpointError, apply_checkpoint, read_checkpoint
-from ...models.checkpoint import describe, variant_name
-from ..common.safe_pickle import load_tensors_only
+from ...models import apply_checkpoint
+from ..common.released import (ConvertError, check_strict, file_variant, head_kind,
+                               read_state_dict)
 from .model import TransNeXtUperNet, build_upernet
 
 # mmseg UPerHead / FCNHead module names -> transformers' UperNet names.
@@ -31,71 +27,6 @@ UPERNET_HEAD_MAP = [
 ]
 _HEAD_MAP = [(re.compile(a), b) for a, b in UPERNET_HEAD_MAP]
 
-# What other released heads look like (for refusing them by name).
-_HEAD_SIGNS = [
-    ("UperNet", "decode_head.psp_modules."),
-    ("Mask2Former", "decode_head.pixel_decoder."),
-    ("Mask R-CNN", "roi_head."),
-    ("DINO", "dn_query_generator."),
-]
-
-
-class ConvertError(CheckpointError):
-    """A checkpoint that is not a loadable UperNet of the asked variant."""
-
-
-def read_any(path) -> dict:
-    """A checkpoint file as a dict, read with ``weights_only=True``. A torch zip file
-    that this refuses because of other objects in it (numpy scalars or mmengine
-    history in ``meta``/``message_hub``) is read by ``safe_pickle``: tensors and plain
-    containers only, nothing imported or run. Other failures keep the loader's message."""
-    path = Path(path)
-    try:
-        return read_checkpoint(path)
-    except CheckpointError as e:
-        if not zipfile.is_zipfile(path):
-            raise
-        try:
-            obj = load_tensors_only(path)
-        except Exception:  # noqa: BLE001 - damaged too: the loader's message says why
-            raise e from None
-        if not isinstance(obj, dict):
-            raise
-        return obj
-
-
-def state_dict_of(obj: dict, path) -> dict[str, torch.Tensor]:
-    """The tensors under ``state_dict`` (or the top level) of a released file."""
-    sd = obj.get("state_dict", obj)
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path} holds no state dict")
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    if not sd:
-        raise CheckpointError(f"{path} holds no tensors")
-    return sd
-
-
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    return state_dict_of(read_any(path), path)
-
-
-def head_kind(sd: dict) -> str:
-    for name, sign in _HEAD_SIGNS:
-        if any(k.startswith(sign) for k in sd):
-            return name
-    if any(k.startswith("decode_head.") for k in sd):
-        return "another segmentation head"
-    return "no segmentation head (a backbone or classification checkpoint)"
-
-
-def file_variant(sd: dict) -> str:
-    """The TransNeXt variant of a dense checkpoint's backbone, e.g. 'transnext_tiny'."""
-    bb = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    return variant_name(describe(bb))
-
-
 def map_head_keys(sd: dict) -> tuple[dict, list[str]]:
     """Head keys renamed by the table; returns (mapped, unmapped file keys)."""
     out, unmapped = {}, []
@@ -109,34 +40,6 @@ def map_head_keys(sd: dict) -> tuple[dict, list[str]]:
         else:
             unmapped.append(k)
     return out, unmapped
-
-
-def _summary(keys, limit=6) -> str:
-    keys = list(keys)
-    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def check_strict(source: str, head_name: str, mapped: dict, unmapped: list, own: dict,
-                 name=None, shape_hint: str = "another class count or head width?") -> None:
-    """Strict: every key of the model (``own``) in ``mapped`` and nothing else, each of the
-    model's shape; else one ConvertError naming the missing, unexpected or mis-shaped keys
-    (``unmapped``: file keys no table entry took; ``name``: how to print a model key, e.g.
-    its released name). Shared by the segmentation and detection converters."""
-    name = name or (lambda k: k)
-    missing = [name(k) for k in own if k not in mapped]
-    unexpected = list(unmapped) + [name(k) for k in mapped if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {_summary(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {_summary(unexpected)}")
-        raise ConvertError(f"{source} does not fit the {head_name}: " + "; ".join(parts))
-    bad = [f"{name(k)} {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in own if mapped[k].shape != own[k].shape]
-    if bad:
-        raise ConvertError(f"{source} has tensors of other shapes ({shape_hint}): "
-                           f"{_summary(bad, 4)}")
 
 
 def load_upernet_state(model: TransNeXtUperNet, sd: dict, source: str) -> None:

@@ -12,7 +12,6 @@ Mask value 255 is ignored everywhere.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -14,8 +14,9 @@ from ...engine.errors import UserError
 from ...engine.evaluate import autocast
 from ...engine.loaders import ShardSampler
 from ...models import CheckpointError
-from .convert import model_from_state, read_any, state_dict_of
-from .data import EvalTransform, SegDataset, collate, normalize
+from ..common.released import read_any, state_dict_of
+from .convert import model_from_state
+from .data import SegDataset, collate, normalize
 from .inference import predict
 from .metrics import SegMetric
 from .model import TransNeXtUperNet

@@ -24,8 +24,8 @@ from ...models import CheckpointError, apply_checkpoint
 from ..common.checkpoints import backward_and_step, save_last_and_best, say_interrupted
 from ..common.schedule import TimeBudget, warmup_factor
 from . import recipes
-from .convert import (head_kind, load_mask2former_state, load_upernet_state, read_any,
-                      state_dict_of)
+from ..common.released import head_kind, read_any, state_dict_of
+from .convert import load_mask2former_state, load_upernet_state
 from .data import EvalTransform, SegDataset, TrainAug, collate
 from .evaluate import backbone_of, evaluate, is_training_checkpoint
 from .model import build_upernet
@@ -300,6 +300,8 @@ def _train(args, dist) -> dict:
                              args.time_budget, it)
                 if bar is not None:
                     bar.total = it
+            elif bar is not None and budget is not None and it % 10 == 0:
+                bar.total = budget.expected_iters(it, args.iters)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                 refresh=False)
