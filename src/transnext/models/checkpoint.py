@@ -305,9 +305,20 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module,
     return dict(keep)
 
 
-def _summarise(keys: list[str], limit: int = 8) -> str:
+def summarise(keys: list[str], limit: int = 8) -> str:
+    """The first ``limit`` keys, then how many more."""
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def key_mismatch(missing: list[str], unexpected: list[str], limit: int = 8) -> str:
+    """'missing N key(s): ...; unexpected M key(s): ...', the parts that apply."""
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} key(s): {summarise(missing, limit)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} key(s): {summarise(unexpected, limit)}")
+    return "; ".join(parts)
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True,
@@ -336,12 +347,8 @@ def apply_checkpoint(model: nn.Module, obj: dict, source: str = "checkpoint",
     missing = [k for k in own if k not in sd and not (drop_head and k.startswith("head."))]
     unexpected = [k for k in sd if k not in own]
     if strict and (missing or unexpected):
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {_summarise(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {_summarise(unexpected)}")
-        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
+        raise CheckpointError(f"{source} does not fit the model: "
+                              + key_mismatch(missing, unexpected))
     bad = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
            for k in sd if k in own and sd[k].shape != own[k].shape]
     if bad:
@@ -351,5 +358,5 @@ def apply_checkpoint(model: nn.Module, obj: dict, source: str = "checkpoint",
         elif any(b.startswith("patch_embed1.proj.weight") for b in bad):
             hint = " (a different number of input channels)"
         raise CheckpointError(f"{source} has tensors of the wrong shape{hint}: "
-                              f"{_summarise(bad, 4)}")
+                              f"{summarise(bad, 4)}")
     net.load_state_dict(sd, strict=strict and not drop_head)

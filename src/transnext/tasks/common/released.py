@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ...models import CheckpointError, read_checkpoint
-from ...models.checkpoint import describe, variant_name
+from ...models.checkpoint import describe, key_mismatch, summarise, variant_name
 from .safe_pickle import load_tensors_only
 
 # What other released heads look like (for refusing them by name).
@@ -78,11 +78,6 @@ def file_variant(sd: dict) -> str:
     return variant_name(describe(bb))
 
 
-def _summary(keys, limit=6) -> str:
-    keys = list(keys)
-    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def check_strict(source: str, head_name: str, mapped: dict, unmapped: list, own: dict,
                  name=None, shape_hint: str = "another class count or head width?") -> None:
     """Strict: every key of the model (``own``) in ``mapped`` and nothing else, each of the
@@ -93,14 +88,10 @@ def check_strict(source: str, head_name: str, mapped: dict, unmapped: list, own:
     missing = [name(k) for k in own if k not in mapped]
     unexpected = list(unmapped) + [name(k) for k in mapped if k not in own]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {_summary(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {_summary(unexpected)}")
-        raise ConvertError(f"{source} does not fit the {head_name}: " + "; ".join(parts))
+        raise ConvertError(f"{source} does not fit the {head_name}: "
+                           + key_mismatch(missing, unexpected, 6))
     bad = [f"{name(k)} {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
            for k in own if mapped[k].shape != own[k].shape]
     if bad:
         raise ConvertError(f"{source} has tensors of other shapes ({shape_hint}): "
-                           f"{_summary(bad, 4)}")
+                           f"{summarise(bad, 4)}")

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...models.checkpoint import describe, unwrap_state_dict, variant_name
-from ..common.released import (ConvertError, _summary, check_strict, file_variant, head_kind,
-                               read_any, state_dict_of)
+from ...models.checkpoint import describe, summarise, unwrap_state_dict, variant_name
+from ..common.released import (ConvertError, check_strict, file_variant, head_kind, read_any,
+                               state_dict_of)
 from .maskrcnn import TransNeXtMaskRCNN, build_maskrcnn
 
 HEAD = "Mask R-CNN"
@@ -149,7 +149,7 @@ def convert_maskrcnn_state_dict(sd: dict, variant: str | None = None,
     mapped, unmapped = map_keys(sd)
     if unmapped:
         raise ConvertError(f"{source} has {len(unmapped)} key(s) the {HEAD} mapping does not "
-                           f"know: {_summary(unmapped)}")
+                           f"know: {summarise(unmapped, 6)}")
     return mapped
 
 
