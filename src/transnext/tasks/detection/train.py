@@ -23,8 +23,8 @@ from ...engine.models import unwrap
 from ...engine.train import ThreadProbe, seed_all, set_deterministic
 from ...models import CheckpointError, apply_checkpoint
 from ..common.checkpoints import backward_and_step, save_last_and_best, say_interrupted
-from ..common.schedule import TimeBudget, warmup_factor
 from ..common.released import head_kind, read_any, state_dict_of
+from ..common.schedule import TimeBudget, warmup_factor
 from . import recipes
 from .coco import CocoDetection, RandomHorizontalFlip, collate, resolve_coco
 from .convert import load_maskrcnn_state

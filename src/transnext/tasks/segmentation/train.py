@@ -22,9 +22,9 @@ from ...engine.models import unwrap
 from ...engine.train import ThreadProbe, seed_all, set_deterministic
 from ...models import CheckpointError, apply_checkpoint
 from ..common.checkpoints import backward_and_step, save_last_and_best, say_interrupted
+from ..common.released import head_kind, read_any, state_dict_of
 from ..common.schedule import TimeBudget, warmup_factor
 from . import recipes
-from ..common.released import head_kind, read_any, state_dict_of
 from .convert import load_mask2former_state, load_upernet_state
 from .data import EvalTransform, SegDataset, TrainAug, collate
 from .evaluate import backbone_of, evaluate, is_training_checkpoint
