@@ -1,16 +1,19 @@
 """Reading and checking the released dense checkpoints (mmseg / mmdet files), shared by
 the segmentation and detection converters: read with ``weights_only=True`` (a file whose
 ``meta`` holds objects that refuses is read by ``safe_pickle``: tensors only, no code run),
-which head a file holds, its backbone variant, and one strict key/shape check."""
+which head a file holds, its backbone variant, key tables from released names to ours, and
+one strict key/shape check."""
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 
 import torch
 
 from ...models import CheckpointError, read_checkpoint
-from ...models.checkpoint import describe, key_mismatch, summarise, variant_name
+from ...models.checkpoint import (describe, key_mismatch, summarise, unwrap_state_dict,
+                                  variant_name)
 from .safe_pickle import load_tensors_only
 
 # What other released heads look like (for refusing them by name).
@@ -63,6 +66,17 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     return state_dict_of(read_any(path), path)
 
 
+def read_released(path_or_state_dict, source: str | None = None) -> tuple[dict, dict, str]:
+    """(file dict, its state dict, the name messages use) of a released ``.pth`` given as a
+    path (read with ``weights_only=True``) or as its dict already read."""
+    if isinstance(path_or_state_dict, dict):
+        source, obj = source or "the state dict", path_or_state_dict
+    else:
+        source = source or f"checkpoint {path_or_state_dict}"
+        obj = read_any(path_or_state_dict)
+    return obj, state_dict_of(obj, source), source
+
+
 def head_kind(sd: dict) -> str:
     for name, sign in _HEAD_SIGNS:
         if any(k.startswith(sign) for k in sd):
@@ -95,3 +109,48 @@ def check_strict(source: str, head_name: str, mapped: dict, unmapped: list, own:
     if bad:
         raise ConvertError(f"{source} has tensors of other shapes ({shape_hint}): "
                            f"{summarise(bad, 4)}")
+
+
+class KeyTable:
+    """Rows of (released key template, model key template, weight change or None);
+    ``{name}`` fields match the regexes in ``fields``. Read forwards to convert a file,
+    backwards to name a model key in released terms."""
+
+    FIELDS = {"n": r"\d+", "m": r"\d+", "p": "weight|bias", "rest": ".+"}
+
+    def __init__(self, rows, fields: dict | None = None):
+        self.fields = {**self.FIELDS, **(fields or {})}
+        self.rows = [(self._re(a), b, self._re(b), a, (r[2] if len(r) > 2 else None))
+                     for r in rows for a, b in [r[:2]]]
+
+    def _re(self, t: str) -> re.Pattern:
+        pattern = re.escape(t)
+        for name, rx in self.fields.items():
+            pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{rx})")
+        return re.compile(pattern)
+
+    def released_name(self, key: str) -> str:
+        for _, _, rx, src, _ in self.rows:
+            m = rx.fullmatch(key)
+            if m:
+                return src.format(**m.groupdict())
+        return key
+
+    def map(self, sd: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Released keys -> model keys; returns (mapped, unmapped file keys). Derived
+        backbone tables that some exports carry are dropped (rebuilt per size)."""
+        backbone = unwrap_state_dict({"state_dict": {k: v for k, v in sd.items()
+                                                     if k.startswith("backbone.")}})
+        kept = {f"backbone.{k}" for k in backbone}
+        out, unmapped = {}, []
+        for k, v in sd.items():
+            if k.startswith("backbone.") and k not in kept:
+                continue
+            for rx, target, _, _, change in self.rows:
+                m = rx.fullmatch(k)
+                if m:
+                    out[target.format(**m.groupdict())] = change(v) if change is not None else v
+                    break
+            else:
+                unmapped.append(k)
+        return out, unmapped

@@ -19,15 +19,14 @@ another TransNeXt variant is refused naming both. Files are read with
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ...models.checkpoint import describe, summarise, unwrap_state_dict, variant_name
-from ..common.released import (ConvertError, check_strict, file_variant, head_kind, read_any,
-                               state_dict_of)
+from ...models.checkpoint import describe, summarise, variant_name
+from ..common.released import (ConvertError, KeyTable, check_strict, file_variant, head_kind,
+                               read_any, read_released, state_dict_of)
 from .maskrcnn import TransNeXtMaskRCNN, build_maskrcnn
 
 HEAD = "Mask R-CNN"
@@ -63,50 +62,6 @@ MASKRCNN_KEY_MAP = [
     ("roi_head.mask_head.conv_logits.{p}", "roi_heads.mask_predictor.mask_fcn_logits.{p}",
      _bg_slot(1)),
 ]
-class KeyTable:
-    """Rows of (released key template, model key template, weight change or None);
-    ``{name}`` fields match the regexes in ``fields``. Read forwards to convert a file,
-    backwards to name a model key in released terms."""
-
-    FIELDS = {"n": r"\d+", "m": r"\d+", "p": "weight|bias", "rest": ".+"}
-
-    def __init__(self, rows, fields: dict | None = None):
-        self.fields = {**self.FIELDS, **(fields or {})}
-        self.rows = [(self._re(a), b, self._re(b), a, (r[2] if len(r) > 2 else None))
-                     for r in rows for a, b in [r[:2]]]
-
-    def _re(self, t: str) -> re.Pattern:
-        pattern = re.escape(t)
-        for name, rx in self.fields.items():
-            pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{rx})")
-        return re.compile(pattern)
-
-    def released_name(self, key: str) -> str:
-        for _, _, rx, src, _ in self.rows:
-            m = rx.fullmatch(key)
-            if m:
-                return src.format(**m.groupdict())
-        return key
-
-    def map(self, sd: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """Released keys -> model keys; returns (mapped, unmapped file keys). Derived
-        backbone tables that some exports carry are dropped (rebuilt per size)."""
-        backbone = unwrap_state_dict({"state_dict": {k: v for k, v in sd.items()
-                                                     if k.startswith("backbone.")}})
-        kept = {f"backbone.{k}" for k in backbone}
-        out, unmapped = {}, []
-        for k, v in sd.items():
-            if k.startswith("backbone.") and k not in kept:
-                continue
-            for rx, target, _, _, change in self.rows:
-                m = rx.fullmatch(k)
-                if m:
-                    out[target.format(**m.groupdict())] = change(v) if change is not None else v
-                    break
-            else:
-                unmapped.append(k)
-        return out, unmapped
-
 
 _TABLE = KeyTable(MASKRCNN_KEY_MAP)
 
@@ -166,17 +121,6 @@ def load_maskrcnn_state(net: TransNeXtMaskRCNN, sd: dict, source: str = "the sta
     released_variant(sd, source, want)
     mapped, unmapped = map_keys(sd)
     _strict_load(net, mapped, unmapped, source)
-
-
-def read_released(path_or_state_dict, source: str | None = None) -> tuple[dict, dict, str]:
-    """(file dict, its state dict, the name messages use) of a released ``.pth`` given as a
-    path (read with ``weights_only=True``) or as its dict already read."""
-    if isinstance(path_or_state_dict, dict):
-        source, obj = source or "the state dict", path_or_state_dict
-    else:
-        source = source or f"checkpoint {path_or_state_dict}"
-        obj = read_any(path_or_state_dict)
-    return obj, state_dict_of(obj, source), source
 
 
 def load_released_maskrcnn(path_or_state_dict, model: str | TransNeXtMaskRCNN | None = None,

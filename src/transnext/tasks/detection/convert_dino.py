@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..common.released import ConvertError, check_strict, file_variant, head_kind
-from .convert import KeyTable, read_released, read_sidecar_config, write_converted
+from ..common.released import (ConvertError, KeyTable, check_strict, file_variant, head_kind,
+                               read_released)
+from .convert import read_sidecar_config, write_converted
 from .dino import TransNeXtDINO, build_dino
 
 HEAD = "DINO"
