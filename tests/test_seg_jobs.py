@@ -194,6 +194,10 @@ def test_train_eval_predict_convert_resume(mosaics, tmp_path, capsys):
     ev = json.loads((tmp_path / "e.json").read_text())
     assert ev["pixels"] == 7 * 32 * 32 and 0 <= ev["mIoU"] <= 100
     assert abs(ev["mIoU"] - ref["metrics"]["val_mIoU"]) < 1e-6
+    assert ev["inference"]["test_scale"] == [320, 80]  # the recipe's, kept by the checkpoint
+    assert main(["seg", "eval", "--checkpoint", str(a / "last.pth"), "--data-dir", str(mosaics),
+                 "--json", str(tmp_path / "e1.json"), "--test-scale", "32", "32"]) == 0
+    assert json.loads((tmp_path / "e1.json").read_text())["inference"]["test_scale"] == [32, 32]
     img = mosaics / "images" / "val" / "00002.png"
     assert main(["seg", "predict", str(img), "--checkpoint", str(a / "last.pth"),
                  "--output", str(tmp_path / "pred"), "--mode", "slide", "--crop-size", "24",
@@ -204,7 +208,8 @@ def test_train_eval_predict_convert_resume(mosaics, tmp_path, capsys):
     assert main(["seg", "convert", str(a / "last.pth"), "--output", str(tmp_path / "hf")]) == 0
     assert main(["seg", "eval", "--checkpoint", str(tmp_path / "hf"), "--data-dir", str(mosaics),
                  "--json", str(tmp_path / "e2.json")]) == 0
-    assert json.loads((tmp_path / "e2.json").read_text())["mIoU"] == pytest.approx(ev["mIoU"])
+    e2 = json.loads((tmp_path / "e2.json").read_text())
+    assert e2["mIoU"] == pytest.approx(ev["mIoU"]) and e2["inference"] == ev["inference"]
     # resuming with another head width is refused in one line
     assert main(_train_cmd(mosaics, b, "--iters", "8", "--channels", "24",
                            "--resume", str(b / "last.pth"))) == 2
@@ -225,3 +230,32 @@ def test_two_process_gloo_train_and_eval(mosaics, tmp_path):
     two = json.loads((tmp_path / "two.json").read_text())
     assert one["pixels"] == two["pixels"] == 7 * 32 * 32
     assert two["mIoU"] == pytest.approx(one["mIoU"]) and two["aAcc"] == pytest.approx(one["aAcc"])
+
+
+@needs_fmnist
+def test_pretrained_from_a_classification_training_checkpoint(mosaics, tmp_path, capsys):
+    """`transnext train` keeps its weights under "model" (beside optimizer state and
+    args): `seg train --pretrained` starts the backbone from them, and refuses a variant
+    that does not fit in one line."""
+    import transnext
+    torch.manual_seed(1)
+    cls = transnext.create_model("transnext_femto", num_classes=10, in_chans=3)
+    ckpt = tmp_path / "cls.pth"
+    torch.save({"model": cls.state_dict(), "optimizer": {"state": {}, "param_groups": []},
+                "epoch": 3, "model_name": "transnext_femto",
+                "args": {"model": "transnext_femto"}}, ckpt)
+    out = tmp_path / "seg"
+    # lr 1e-12: one AdamW step moves a weight by about 1e-12
+    assert main(_train_cmd(mosaics, out, "--iters", "1", "--lr", "1e-12", "--pretrained",
+                           str(ckpt))) == 0
+    got = torch.load(out / "last.pth", weights_only=True)["model"]
+    own = {k: v for k, v in cls.state_dict().items() if not k.startswith("head.")}
+    loaded = [k for k in own if f"backbone.model.{k}" in got]
+    assert len(loaded) > 0.9 * len(own)
+    for k in loaded:
+        assert torch.allclose(got[f"backbone.model.{k}"], own[k], rtol=0, atol=1e-9), k
+    capsys.readouterr()
+    assert main(_train_cmd(mosaics, tmp_path / "o2", "--iters", "1", "--model",
+                           "transnext_micro", "--pretrained", str(ckpt))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "transnext_femto" in err[0]

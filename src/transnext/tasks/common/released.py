@@ -86,6 +86,16 @@ def head_kind(sd: dict) -> str:
     return "no segmentation head (a backbone or classification checkpoint)"
 
 
+def released_kind(obj: dict, path) -> str | None:
+    """The head of a released (mmdet/mmseg) file as :func:`head_kind` names it; None for a
+    file with no top-level tensors (e.g. a ``transnext train`` checkpoint: weights under
+    "model"), which the backbone loader reads instead."""
+    try:
+        return head_kind(state_dict_of(obj, path))
+    except CheckpointError:
+        return None
+
+
 def file_variant(sd: dict) -> str:
     """The TransNeXt variant of a dense checkpoint's backbone, e.g. 'transnext_tiny'."""
     bb = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}

@@ -23,7 +23,7 @@ from ...engine.models import unwrap
 from ...engine.train import ThreadProbe, seed_all, set_deterministic
 from ...models import CheckpointError, apply_checkpoint
 from ..common.checkpoints import backward_and_step, save_last_and_best, say_interrupted
-from ..common.released import head_kind, read_any, state_dict_of
+from ..common.released import read_any, released_kind, state_dict_of
 from ..common.schedule import TimeBudget, warmup_factor
 from . import recipes
 from .coco import CocoDetection, RandomHorizontalFlip, collate, resolve_coco
@@ -82,14 +82,6 @@ def build_config(args, num_classes: int) -> dict:
         rpn_post_nms_top_n_test=args.rpn_post_nms_test, box_detections_per_img=args.detections)
 
 
-def _released_kind(obj: dict, path) -> str | None:
-    """The head of a released (mmdet/mmseg) file, None for anything else."""
-    try:
-        return head_kind(state_dict_of(obj, path))
-    except CheckpointError:  # e.g. a training checkpoint: weights under "model"
-        return None
-
-
 def _load_pretrained(model, path: str, cfg: dict) -> None:
     """An ImageNet backbone checkpoint, a released Mask R-CNN or DINO ``.pth`` (of the
     run's architecture) or a ``det train`` checkpoint of the same model (variant and class
@@ -110,8 +102,8 @@ def _load_pretrained(model, path: str, cfg: dict) -> None:
         elif "seg_config" in obj:
             raise UserError(f"--pretrained {path} is {_other_kind(obj)}, not a backbone or "
                             f"detector checkpoint")
-        elif _released_kind(obj, path) in ("Mask R-CNN", "DINO"):
-            kind, want = _released_kind(obj, path), "DINO" if is_dino(cfg["arch"]) else "Mask R-CNN"
+        elif released_kind(obj, path) in ("Mask R-CNN", "DINO"):
+            kind, want = released_kind(obj, path), "DINO" if is_dino(cfg["arch"]) else "Mask R-CNN"
             if kind != want:
                 raise UserError(f"--pretrained {path} is a released {kind}, this run trains "
                                 f"a {cfg['arch']}")

@@ -147,10 +147,17 @@ def _device(args):
     return resolve_device(args.device)
 
 
-def _infer_kwargs(args) -> dict:
-    return dict(mode=args.mode or "whole", scales=tuple(args.scales or (1.0,)), flip=args.flip,
-                crop=args.crop_size or 512, stride=args.stride or 341,
-                test_scale=tuple(args.test_scale) if args.test_scale else None)
+def _infer_kwargs(args, model=None) -> dict:
+    """Inference settings from the flags; those not given follow the evaluation of the
+    ``seg train`` run that wrote the checkpoint (its mode, window and test scale, kept in
+    the config by ``convert`` too), so ``seg eval`` repeats the number training printed."""
+    run = getattr(getattr(model, "config", None), "eval_settings", None) or {}
+    crop = args.crop_size or run.get("crop_size") or 512
+    test_scale = args.test_scale or run.get("test_scale")
+    return dict(mode=args.mode or run.get("mode") or "whole",
+                scales=tuple(args.scales or (1.0,)), flip=args.flip, crop=crop,
+                stride=args.stride or (max(1, crop * 2 // 3) if run else 341),
+                test_scale=tuple(test_scale) if test_scale else None)
 
 
 def _load(args, device):
@@ -189,7 +196,7 @@ def _run_eval(args):
             from ...engine.errors import UserError
             raise UserError(f"the model predicts {model.config.num_labels} classes but "
                             f"{args.data_dir} has {ds.num_classes}")
-        kw = _infer_kwargs(args)
+        kw = _infer_kwargs(args, model)
         res = evaluate(model, ds, dist.device, rank=dist.rank, world_size=dist.world_size,
                        amp=args.amp, batch_size=args.batch_size, workers=args.workers,
                        progress=dist.is_main and sys.stderr.isatty(), **kw)
@@ -210,7 +217,7 @@ def _run_predict(args):
     model = _load(args, device)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     for r in predict_files(model, args.images, args.output, device, class_names=names,
-                           amp=args.amp, **_infer_kwargs(args)):
+                           amp=args.amp, **_infer_kwargs(args, model)):
         print(f"{r['image']}: {r['overlay']} ({', '.join(r['classes'])})", flush=True)
 
 

@@ -23,6 +23,9 @@ from .model import TransNeXtUperNet
 from .names import palette
 
 
+EVAL_SETTINGS = ("mode", "crop_size", "test_scale")
+
+
 def backbone_of(model):
     """The TransNeXtBackbone inside a UperNet or a Mask2Former."""
     if hasattr(model, "backbone"):
@@ -74,6 +77,9 @@ def load_model(path: str, model_name: str | None = None, *, pos_bias: str | None
             obj = read_any(p)
             if is_training_checkpoint(obj):
                 model = model_from_training_checkpoint(obj, f"checkpoint {p}")
+                run = obj.get("args") or {}
+                # how the training run evaluated: `seg eval` and `convert` keep it
+                model.config.eval_settings = {k: run.get(k) for k in EVAL_SETTINGS}
             else:
                 model = model_from_state(state_dict_of(obj, p), f"checkpoint {p}", model_name)
         except CheckpointError as e:
