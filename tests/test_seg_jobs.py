@@ -210,6 +210,13 @@ def test_train_eval_predict_convert_resume(mosaics, tmp_path, capsys):
                  "--json", str(tmp_path / "e2.json")]) == 0
     e2 = json.loads((tmp_path / "e2.json").read_text())
     assert e2["mIoU"] == pytest.approx(ev["mIoU"]) and e2["inference"] == ev["inference"]
+    # the README's figure script on that checkpoint: 3 rows of 32-px tiles at 2x, a key of
+    # the 11 classes wrapped to the width (lines of 22 px)
+    fig = tmp_path / "fig.png"
+    run_ok([PY, str(REPO / "scripts" / "figure_seg_demo.py"), "--checkpoint", str(a / "last.pth"),
+            "--data-dir", str(mosaics), "--output", str(fig), "--num", "3", "--zoom", "2"])
+    w, h = Image.open(fig).size
+    assert w == 90 + 3 * 36 * 2 and h > 3 * 32 * 2 + 2 * 22 and (h - 3 * 32 * 2 - 4) % 22 == 0
     # resuming with another head width is refused in one line
     assert main(_train_cmd(mosaics, b, "--iters", "8", "--channels", "24",
                            "--resume", str(b / "last.pth"))) == 2
@@ -259,3 +266,12 @@ def test_pretrained_from_a_classification_training_checkpoint(mosaics, tmp_path,
                            "transnext_micro", "--pretrained", str(ckpt))) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "transnext_femto" in err[0]
+
+
+def test_palette_keeps_small_class_sets_apart():
+    from transnext.tasks.segmentation.names import palette
+    for n in (2, 11, 21, 40):
+        pal = palette(n)
+        assert pal.shape == (n, 3) and tuple(pal[0]) == (0, 0, 0)
+        assert len({tuple(c) for c in pal}) == n
+    assert len(palette(150)) == 150  # ADE20K's own
