@@ -151,8 +151,9 @@ def _infer_kwargs(args, model=None) -> dict:
     """Inference settings from the flags; those not given follow the evaluation of the
     ``seg train`` run that wrote the checkpoint (its mode, window and test scale, kept in
     the config by ``convert`` too), so ``seg eval`` repeats the number training printed."""
-    run = getattr(getattr(model, "config", None), "eval_settings", None) or {}
-    crop = args.crop_size or run.get("crop_size") or 512
+    from .evaluate import run_settings
+    run = run_settings(model) if model is not None else {}
+    crop = args.crop_size or run.get("crop") or 512
     test_scale = args.test_scale or run.get("test_scale")
     return dict(mode=args.mode or run.get("mode") or "whole",
                 scales=tuple(args.scales or (1.0,)), flip=args.flip, crop=crop,

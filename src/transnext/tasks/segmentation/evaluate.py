@@ -23,7 +23,18 @@ from .model import TransNeXtUperNet
 from .names import palette
 
 
-EVAL_SETTINGS = ("mode", "crop_size", "test_scale")
+_EVAL_KEYS = ("mode", "crop_size", "test_scale")
+
+
+def run_settings(model) -> dict:
+    """The inference settings (mode, crop, stride, test_scale) the ``seg train`` run that
+    wrote the model's checkpoint evaluated with; empty for any other file."""
+    run = getattr(model.config, "eval_settings", None) or {}
+    if not run:
+        return {}
+    crop = run.get("crop_size") or 512
+    return dict(mode=run.get("mode") or "whole", crop=crop, stride=max(1, crop * 2 // 3),
+                test_scale=tuple(run["test_scale"]) if run.get("test_scale") else None)
 
 
 def backbone_of(model):
@@ -79,7 +90,7 @@ def load_model(path: str, model_name: str | None = None, *, pos_bias: str | None
                 model = model_from_training_checkpoint(obj, f"checkpoint {p}")
                 run = obj.get("args") or {}
                 # how the training run evaluated: `seg eval` and `convert` keep it
-                model.config.eval_settings = {k: run.get(k) for k in EVAL_SETTINGS}
+                model.config.eval_settings = {k: run.get(k) for k in _EVAL_KEYS}
             else:
                 model = model_from_state(state_dict_of(obj, p), f"checkpoint {p}", model_name)
         except CheckpointError as e:
