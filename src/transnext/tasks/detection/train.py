@@ -88,6 +88,7 @@ def _load_pretrained(model, path: str, cfg: dict) -> None:
     count)."""
     try:
         obj = read_any(path)
+        kind = released_kind(obj, path)
         if is_training_checkpoint(obj):
             theirs = obj[CONFIG_KEY]
             if (theirs.get("arch"), theirs.get("model"), theirs.get("num_classes")) != \
@@ -102,8 +103,8 @@ def _load_pretrained(model, path: str, cfg: dict) -> None:
         elif "seg_config" in obj:
             raise UserError(f"--pretrained {path} is {_other_kind(obj)}, not a backbone or "
                             f"detector checkpoint")
-        elif released_kind(obj, path) in ("Mask R-CNN", "DINO"):
-            kind, want = released_kind(obj, path), "DINO" if is_dino(cfg["arch"]) else "Mask R-CNN"
+        elif kind in ("Mask R-CNN", "DINO"):
+            want = "DINO" if is_dino(cfg["arch"]) else "Mask R-CNN"
             if kind != want:
                 raise UserError(f"--pretrained {path} is a released {kind}, this run trains "
                                 f"a {cfg['arch']}")

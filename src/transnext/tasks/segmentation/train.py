@@ -22,7 +22,7 @@ from ...engine.models import unwrap
 from ...engine.train import ThreadProbe, seed_all, set_deterministic
 from ...models import CheckpointError, apply_checkpoint
 from ..common.checkpoints import backward_and_step, save_last_and_best, say_interrupted
-from ..common.released import head_kind, read_any, released_kind, state_dict_of
+from ..common.released import read_any, released_kind, state_dict_of
 from ..common.schedule import TimeBudget, warmup_factor
 from . import recipes
 from .convert import load_mask2former_state, load_upernet_state
@@ -116,6 +116,7 @@ def _load_pretrained(model, path: str) -> None:
     ours) with the same head layout."""
     try:
         obj = read_any(path)
+        kind = released_kind(obj, path)
         if is_training_checkpoint(obj):
             try:
                 model.load_state_dict(obj["model"], strict=True)
@@ -123,11 +124,9 @@ def _load_pretrained(model, path: str) -> None:
                 raise UserError(f"--pretrained {path} does not fit this model (another head, "
                                 f"variant or class count): {' '.join(str(e).split())[:300]}"
                                 ) from None
-        elif released_kind(obj, path) in ("UperNet", "Mask2Former"):
-            sd = state_dict_of(obj, path)
-            load = load_mask2former_state if head_kind(sd) == "Mask2Former" else \
-                load_upernet_state
-            load(model, sd, f"--pretrained {path}")
+        elif kind in ("UperNet", "Mask2Former"):
+            load = load_mask2former_state if kind == "Mask2Former" else load_upernet_state
+            load(model, state_dict_of(obj, path), f"--pretrained {path}")
         else:
             apply_checkpoint(backbone_of(model).model, obj, f"--pretrained {path}")
     except CheckpointError as e:
