@@ -800,6 +800,19 @@ def test_linears_share_one_16bit_copy_under_autocast_same_numbers():
         assert torch.equal(g_one[n], g_sep[n]), n
 
 
+def test_autocast_availability_as_torch_says():
+    # looked up from a set (torch 2.11's Dynamo cannot trace the call and broke the graph)
+    import contextlib
+    import transnext.models.transnext as T
+    for dev in ("cpu", "cuda", "meta", "mps"):
+        assert T._autocast_available(dev) == torch.amp.is_autocast_available(dev), dev
+    assert isinstance(T._autocast_off(torch.device("meta")), contextlib.nullcontext)
+    with T._autocast_off(torch.device("cpu")), torch.autocast("cpu", enabled=True):
+        assert torch.is_autocast_enabled("cpu")
+    with torch.autocast("cpu", enabled=True), T._autocast_off(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+
+
 def test_linears_share_one_16bit_copy_under_compile():
     torch._dynamo.reset()
     _, y_ref, gx_ref, g_ref = _block_step_under_autocast(True)

@@ -87,9 +87,20 @@ class _CastShared(torch.autograd.Function):
         return total, None, None
 
 
+# Device types with autocast, looked up once: torch 2.11's Dynamo cannot trace
+# torch.amp.is_autocast_available and broke the graph at every call (twice per block).
+_AUTOCAST_TYPES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu")
+                            if torch.amp.is_autocast_available(d))
+
+
+def _autocast_available(device_type: str) -> bool:
+    return device_type in _AUTOCAST_TYPES or (
+        not torch.compiler.is_compiling() and torch.amp.is_autocast_available(device_type))
+
+
 def _autocast_off(device):
     """Autocast disabled on ``device`` (a no-op where autocast does not exist, e.g. 'meta')."""
-    if torch.amp.is_autocast_available(device.type):
+    if _autocast_available(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
     return nullcontext()
 
@@ -101,7 +112,7 @@ def _cast_for_linears(x: Tensor, n: int) -> tuple[Tensor, ...]:
     if is_fx_tracing():  # a graph must not bake in the autocast state of trace time
         return (x,) * n
     dev = x.device.type
-    if (x.dtype == torch.float32 and n > 1 and torch.amp.is_autocast_available(dev)
+    if (x.dtype == torch.float32 and n > 1 and _autocast_available(dev)
             and torch.is_autocast_enabled(dev)):
         if torch.is_grad_enabled() and x.requires_grad:
             return _CastShared.apply(x, torch.get_autocast_dtype(dev), n)
