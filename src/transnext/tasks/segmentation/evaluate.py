@@ -60,6 +60,9 @@ def model_from_training_checkpoint(obj: dict, source: str):
     except RuntimeError as e:
         raise UserError(f"{source} does not fit its own config: "
                         f"{str(e).splitlines()[0][:300]}") from None
+    run = obj.get("args") or {}
+    # how the training run evaluated: `seg eval`, `predict` and `convert` keep it
+    model.config.eval_settings = {k: run.get(k) for k in _EVAL_KEYS}
     return model
 
 
@@ -88,9 +91,6 @@ def load_model(path: str, model_name: str | None = None, *, pos_bias: str | None
             obj = read_any(p)
             if is_training_checkpoint(obj):
                 model = model_from_training_checkpoint(obj, f"checkpoint {p}")
-                run = obj.get("args") or {}
-                # how the training run evaluated: `seg eval` and `convert` keep it
-                model.config.eval_settings = {k: run.get(k) for k in _EVAL_KEYS}
             else:
                 model = model_from_state(state_dict_of(obj, p), f"checkpoint {p}", model_name)
         except CheckpointError as e:
