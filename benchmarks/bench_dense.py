@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ import timm  # noqa: E402
 
 import transnext  # noqa: E402,F401  (registers the models)
 from bench_model import _timed  # noqa: E402
+from transnext.engine.models import compile_model  # noqa: E402
 
 VARIANTS = ("interp", "extrap", "linear")
 DEFAULT_SHAPES = ["800x1333:2", "512x512:16", "1024x2048:1"]
@@ -66,7 +68,7 @@ def make_backbone(name: str, variant: str | None, H: int, W: int, img_size: int 
 
 
 def bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device, img_size,
-              warmup, iters, repeats) -> dict:
+              warmup, iters, repeats, compile_how="model") -> dict:
     torch.manual_seed(0)
     label, model, (h, w) = make_backbone(name, variant, H, W, img_size)
     model = model.to(device)
@@ -76,12 +78,17 @@ def bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device, 
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
-    fwd = torch.compile(model, mode=compile_mode) if compiled else model
+    # the jobs' compile (static shapes); 'blocks' (regional) applies to TransNeXt only
+    how = compile_how if name.startswith("transnext") else "model"
+    fwd = compile_model(model, how, compile_mode) if compiled else model
+    graphs = compiled and compile_mode == "reduce-overhead"
     if mode == "train":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
 
         def step():
+            if graphs:  # the last step's graph outputs are free to be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             with amp:
                 feats = fwd(x)
             loss = sum(f.float().square().mean() for f in feats)
@@ -92,12 +99,17 @@ def bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device, 
         model.eval()
 
         def step():
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.inference_mode(), amp:
                 fwd(x)
+    t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sec = _timed(step, device, iters, repeats)
     peak = reserved = None
@@ -112,6 +124,7 @@ def bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device, 
         torch.cuda.empty_cache()
     return dict(model=label, base=name, variant=variant, H=H, W=W, batch=batch, mode=mode,
                 compiled=compiled, compile_mode=compile_mode if compiled else None,
+                compile_how=how if compiled else None, warmup_s=warmup_s,
                 ms_per_step=sec * 1000, img_per_s=batch / sec, peak_gib=peak,
                 reserved_gib=reserved)
 
@@ -167,6 +180,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
     p.add_argument("--compile", choices=["eager", "compiled", "both"], default="eager")
     p.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--compile-how", choices=["model", "blocks"], default="model",
+                   help="compile TransNeXt whole or block by block (regional; the baselines "
+                        "are always compiled whole)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
@@ -191,6 +207,9 @@ def main(argv=None) -> list[dict]:
     compiled = {"eager": [False], "compiled": [True], "both": [False, True]}[args.compile]
     warmup = args.warmup or (3 if dev == "cuda" else 1)
     iters = args.iters or (10 if dev == "cuda" else 1)
+    env = dict(device=torch.cuda.get_device_name() if dev == "cuda" else platform.processor()
+               or platform.machine(), torch=torch.__version__, python=platform.python_version(),
+               compile_mode=args.compile_mode, compile_how=args.compile_how)
     rows = []
     for H, W, batch in shapes:
         for mode in args.modes:
@@ -200,34 +219,37 @@ def main(argv=None) -> list[dict]:
                 for name, variant in runs:
                     try:
                         r = bench_row(name, variant, H, W, batch, mode, comp, args.compile_mode,
-                                      dev, args.img_size, warmup, iters, args.repeats)
+                                      dev, args.img_size, warmup, iters, args.repeats,
+                                      args.compile_how)
                     except Exception as e:  # OOM or a rejected size: a row that says so
                         msg = ("out of memory" if isinstance(e, torch.OutOfMemoryError)
                                else f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
                         r = dict(model=name if variant is None else f"{name}[{variant}]",
                                  base=name, variant=variant, H=H, W=W, batch=batch, mode=mode,
-                                 compiled=comp, error=msg)
+                                 compiled=comp, compile_mode=args.compile_mode if comp else None,
+                                 compile_how=args.compile_how if comp else None, error=msg)
                         gc.collect()
                         if dev == "cuda":
                             torch.cuda.empty_cache()
                     rows.append(r)
                     print("  " + _row_text(r, rows), flush=True)
-    env = dict(device=torch.cuda.get_device_name() if dev == "cuda" else platform.processor()
-               or platform.machine(), torch=torch.__version__, python=platform.python_version(),
-               compile_mode=args.compile_mode)
+                    _write(args.out, env, rows)  # a run cut short keeps its rows
     print(f"\n{env}")
     print("| backbone | size | batch | mode | compile | ms/step | peak GiB | vs convnext_tiny |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(_row_text(r, rows, markdown=True))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(env=env, rows=rows), indent=2))
     return rows
+
+
+def _write(out: str, env: dict, rows: list[dict]) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(dict(env=env, rows=rows), indent=2))
 
 
 def _row_text(r: dict, rows: list[dict], markdown: bool = False) -> str:
     comp = ("eager" if not r["compiled"] else
-            f"compiled ({r['compile_mode']})" if r.get("compile_mode") else "compiled")
+            f"{r.get('compile_how') or 'model'} ({r.get('compile_mode') or 'default'})")
     cells = [r["model"], f"{r['H']}x{r['W']}", str(r["batch"]), r["mode"], comp]
     if "error" in r:
         cells += [r["error"], "", ""]

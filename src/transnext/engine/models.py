@@ -26,7 +26,7 @@ def create(name: str, num_classes: int, in_chans: int = 3, drop_path: float | No
 
 
 def compile_model(model: torch.nn.Module, how: str = "model",
-                  mode: str | None = None) -> torch.nn.Module:
+                  mode: str | None = None, backend: str = "inductor") -> torch.nn.Module:
     """torch.compile for the jobs, with static shapes.
 
     With torch's default (automatic dynamic shapes) the second input size is traced with
@@ -36,6 +36,7 @@ def compile_model(model: torch.nn.Module, how: str = "model",
     TransNeXt block on its own (regional compilation): the blocks of a stage share one
     compiled graph, so a cold compile takes a fraction of the whole model's (README,
     Performance). ``mode``: torch.compile's mode ('reduce-overhead': CUDA graphs).
+    ``backend``: torch.compile's (tests trace with 'eager').
     Returns the module to call (``model`` itself for 'blocks').
     """
     mode = None if mode == "default" else mode
@@ -53,11 +54,11 @@ def compile_model(model: torch.nn.Module, how: str = "model",
         stages = getattr(unwrap(model), "num_stages", 4)
         setattr(cfg, key, max(getattr(cfg, key), 2 * 8 * stages))  # 8 sizes, as one graph
         for b in blocks:
-            b.compile(dynamic=False, mode=mode)
+            b.compile(dynamic=False, mode=mode, backend=backend)
         return model
     if how != "model":
         raise UserError(f"--compile {how!r}: choose model or blocks")
-    return torch.compile(model, dynamic=False, mode=mode)
+    return torch.compile(model, dynamic=False, mode=mode, backend=backend)
 
 
 def data_config(model) -> dict:

@@ -85,7 +85,7 @@ def make_mosaic(rng: np.random.Generator, images: torch.Tensor, labels: torch.Te
     return Mosaic(img.round().astype(np.uint8), mask, placed, instances, own)
 
 
-def write_mosaic_set(out: str | Path, n_train: int = 4000, n_val: int = 500, size: int = 64,
+def write_mosaic_set(out: str | Path, n_train: int = 16000, n_val: int = 500, size: int = 64,
                      seed: int = 0, data_dir: str | None = None, **kw) -> Path:
     """Write ``out/images/{train,val}/NNNNN.png``, ``out/masks/{train,val}/NNNNN.png``
     and ``out/classes.txt`` (the generic folder layout)."""

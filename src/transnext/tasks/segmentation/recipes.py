@@ -27,15 +27,19 @@ RECIPES = {
         warmup_iters=0, power=0.9, pos_bias="interpolate", img_size=512, mode="whole",
         test_scale=[2048, 512], eval_interval=16000, ckpt_interval=16000),
     # The CPU demo: UperNet on TransNeXt-femto from scratch, Fashion-MNIST mosaics (64 px),
-    # 8 minutes of training (--time-budget); milder rescaling (1.0-1.5) than ADE20K's: 28-px
-    # items at half size are a few pixels wide, and a smaller image is mostly padding
-    # (measured here: 42.4 mIoU against 39.6 with 0.75-1.5 and lr 2e-3, same budget).
+    # 9 min 20 s of training and evaluation (--time-budget 560; with the 20-s mosaic set the
+    # demo stays within its 10 minutes): more iterations were worth more than anything else
+    # tried (GPU sweep at fixed iterations, two seeds each: 2,400 -> 2,850 iterations 48.3 ->
+    # 50.0 mIoU; 16,000 training mosaics, the make-mosaics default, instead of 4,000: 49.3).
+    # Milder rescaling (1.0-1.5) than ADE20K's: 28-px items at half size are a few pixels
+    # wide, and a smaller image is mostly padding (measured here: 42.4 mIoU against 39.6
+    # with 0.75-1.5 and lr 2e-3, same budget).
     # Evaluation at the middle of that range (x1.25: 64 -> 80 px), as mmseg tests at the
     # middle of its training range: at x1.0 the items are as small as training ever showed
     # them (measured: 43.9 -> 47.9 mIoU, the same model).
     "upernet-fmnist": dict(
         head="upernet", model="transnext_femto", dataset="folder", iters=6000,
-        time_budget=480, batch_size=32, crop_size=64, scale=[256, 64],
+        time_budget=560, batch_size=32, crop_size=64, scale=[256, 64],
         ratio_range=[1.0, 1.5], lr=3e-3, weight_decay=0.01, warmup_iters=100, power=1.0,
         clip_grad=1.0,
         pos_bias="extrapolate", pretrain_size=64, channels=64, aux_channels=32,

@@ -18,7 +18,7 @@ from ...engine.distributed import all_reduce_sum, cleanup, init_distributed
 from ...engine.errors import UserError
 from ...engine.evaluate import autocast
 from ...engine.metrics import MetricLog
-from ...engine.models import unwrap
+from ...engine.models import compile_model, unwrap
 from ...engine.train import ThreadProbe, seed_all, set_deterministic
 from ...models import CheckpointError, apply_checkpoint
 from ..common.checkpoints import backward_and_step, save_last_and_best, say_interrupted
@@ -238,7 +238,10 @@ def _train(args, dist) -> dict:
         if main:
             log.info("resumed from %s at iteration %d", args.resume, start_it)
         del resume_obj
-    net = torch.compile(model) if args.compile else model
+    net, graphs = model, args.compile_mode == "reduce-overhead"
+    if args.compile or args.compile_mode:
+        net = compile_model(model, args.compile or "model", args.compile_mode,
+                            getattr(args, "compile_backend", "inductor"))
     if dist.distributed:
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -277,6 +280,8 @@ def _train(args, dist) -> dict:
                           progress)
             for g in optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * f
+            if graphs:  # the last step's CUDA-graph outputs may now be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(device, args.amp):
                 if args.head == "mask2former":
                     masks, classes = mask_targets(y, model.config.ignore_value)
