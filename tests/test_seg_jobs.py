@@ -226,8 +226,8 @@ def test_train_eval_predict_convert_resume(mosaics, tmp_path, capsys):
 @needs_fmnist
 def test_compile_blocks_trains_the_same_weights(mosaics, tmp_path):
     """`seg train --compile blocks`: every TransNeXt block goes through Dynamo (traced here
-    with the eager backend: no C++ compiler on CI) and training ends on the eager run's
-    weights."""
+    with the eager backend: Inductor's C++ compile would cost CI minutes) and training ends
+    on the eager run's weights."""
     from torch._dynamo.utils import counters
     base = ["--iters", "3", "--eval-interval", "1000"]
     assert main(_train_cmd(mosaics, tmp_path / "eager", *base)) == 0

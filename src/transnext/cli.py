@@ -8,10 +8,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from .cli_checks import (UsageError, arch_name, below_one, device_name, existing_dir,
-                         existing_file, flag, model_name, non_negative_float, non_negative_int,
-                         output_file, positive_float, positive_int, probability, threads_value,
-                         writable_dir)
+from .cli_checks import (UsageError, add_compile_flags, arch_name, below_one, device_name,
+                         existing_dir, existing_file, flag, model_name, non_negative_float,
+                         non_negative_int, output_file, positive_float, positive_int,
+                         probability, threads_value, writable_dir)
 from .engine.recipes import RECIPES
 from .tools.parsers import add_tool_parsers
 
@@ -45,14 +45,7 @@ def _add_train(sub) -> None:
     a("--device", default=None, type=device_name,
       help="cpu | cuda | cuda:N (default: cuda if available)")
     a("--amp", default=None, choices=["bf16", "fp16", "none"])
-    a("--compile", nargs="?", const="model", default=None, choices=["model", "blocks"],
-      help="torch.compile with static shapes: the whole model (default), or each block "
-           "alone ('blocks': alike blocks share one compile, so a shorter first compile for "
-           "the deeper models on the CPU)")
-    a("--compile-mode", default=None,
-      choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-      help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs, the "
-           "fastest measured training mode on the GPU (README, Performance)")
+    add_compile_flags(a)
     a("--accum-steps", type=positive_int, default=None, help="gradient accumulation steps")
     a("--opt", default=None, help="timm optimizer name (adamw, sgd, lamb, ...)")
     a("--lr", type=positive_float, default=None)

@@ -189,3 +189,16 @@ def arch_name(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"unknown model {text!r}; choose from {', '.join(ARCHS)}")
     return text
+
+
+def add_compile_flags(a) -> None:
+    """--compile [model|blocks] and --compile-mode (``a``: a parser's add_argument)."""
+    a("--compile", nargs="?", const="model", default=None, choices=["model", "blocks"],
+      help="torch.compile with static shapes: the whole model (default), or each TransNeXt "
+           "block alone ('blocks': alike blocks share one compile, so the first compile is "
+           "shorter; with --compile-mode reduce-overhead the fastest measured training at "
+           "detection sizes on the GPU)")
+    a("--compile-mode", default=None,
+      choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+      help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs, the "
+           "fastest measured training mode on the GPU (README, Performance)")

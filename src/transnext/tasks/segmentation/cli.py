@@ -6,8 +6,8 @@ import json
 import logging
 import sys
 
-from ...cli_checks import (below_one, device_name, non_negative_float, non_negative_int,
-                           positive_float, positive_int)
+from ...cli_checks import (add_compile_flags, below_one, device_name, non_negative_float,
+                           non_negative_int, positive_float, positive_int)
 from ..common.cli_flags import add_run_flags
 from .recipes import RECIPES
 
@@ -77,13 +77,7 @@ def add_parser(sub) -> None:
     a("--resume", default=None, metavar="PATH", help="continue from a last.pth exactly")
     a("--device", type=device_name, default=None)
     a("--amp", default=None, choices=["bf16", "fp16", "none"])
-    a("--compile", nargs="?", const="model", default=None, choices=["model", "blocks"],
-      help="torch.compile with static shapes: the whole model (default), or each TransNeXt "
-           "block alone ('blocks': alike blocks share one compile; with --compile-mode "
-           "reduce-overhead the fastest measured dense training on the GPU)")
-    a("--compile-mode", default=None,
-      choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-      help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs")
+    add_compile_flags(a)
     a("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # tests: 'eager'
     a("--mode", default=None, choices=["whole", "slide"], help="evaluation inference")
     a("--test-scale", type=positive_int, nargs=2, default=None, metavar=("LONG", "SHORT"))
