@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from transnext.tasks.segmentation.data import SegDataset, normalize
-from transnext.tasks.segmentation.evaluate import load_model, overlay, run_settings
+from transnext.tasks.segmentation.evaluate import inference_settings, load_model, overlay
 from transnext.tasks.segmentation.inference import predict
 from transnext.tasks.segmentation.names import palette
 
@@ -31,7 +31,7 @@ def main() -> None:
     args = p.parse_args()
 
     model = load_model(args.checkpoint)
-    kw = {"mode": "whole", "crop": 512, "stride": 341, "test_scale": None, **run_settings(model)}
+    kw = inference_settings(model)
     ds = SegDataset(args.data_dir, "folder", "val")
     names = ds.classes
     pal = palette(len(names))

@@ -153,14 +153,10 @@ def _infer_kwargs(args, model=None) -> dict:
     """Inference settings from the flags; those not given follow the evaluation of the
     ``seg train`` run that wrote the checkpoint (its mode, window and test scale, kept in
     the config by ``convert`` too), so ``seg eval`` repeats the number training printed."""
-    from .evaluate import run_settings
-    run = run_settings(model) if model is not None else {}
-    crop = args.crop_size or run.get("crop") or 512
-    test_scale = args.test_scale or run.get("test_scale")
-    return dict(mode=args.mode or run.get("mode") or "whole",
-                scales=tuple(args.scales or (1.0,)), flip=args.flip, crop=crop,
-                stride=args.stride or (max(1, crop * 2 // 3) if run else 341),
-                test_scale=tuple(test_scale) if test_scale else None)
+    from .evaluate import inference_settings
+    return dict(scales=tuple(args.scales or (1.0,)), flip=args.flip,
+                **inference_settings(model, mode=args.mode, crop=args.crop_size,
+                                     stride=args.stride, test_scale=args.test_scale))
 
 
 def _load(args, device):

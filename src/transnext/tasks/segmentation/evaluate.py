@@ -26,15 +26,18 @@ from .names import palette
 _EVAL_KEYS = ("mode", "crop_size", "test_scale")
 
 
-def run_settings(model) -> dict:
-    """The inference settings (mode, crop, stride, test_scale) the ``seg train`` run that
-    wrote the model's checkpoint evaluated with; empty for any other file."""
-    run = getattr(model.config, "eval_settings", None) or {}
-    if not run:
-        return {}
-    crop = run.get("crop_size") or 512
-    return dict(mode=run.get("mode") or "whole", crop=crop, stride=max(1, crop * 2 // 3),
-                test_scale=tuple(run["test_scale"]) if run.get("test_scale") else None)
+def inference_settings(model=None, *, mode=None, crop=None, stride=None,
+                       test_scale=None) -> dict:
+    """Inference settings (mode, crop, stride, test_scale): those given here, else the ones
+    the ``seg train`` run that wrote the model's checkpoint evaluated with (kept in its
+    config, by ``convert`` too), else whole image, window 512, stride 341."""
+    run = getattr(getattr(model, "config", None), "eval_settings", None) or {}
+    crop = crop or run.get("crop_size") or 512
+    # a run's stride is its window's 2/3; files without a run keep mmseg's 341
+    stride = stride or (max(1, crop * 2 // 3) if run else 341)
+    test_scale = test_scale or run.get("test_scale")
+    return dict(mode=mode or run.get("mode") or "whole", crop=crop, stride=stride,
+                test_scale=tuple(test_scale) if test_scale else None)
 
 
 def backbone_of(model):
