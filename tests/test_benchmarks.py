@@ -110,3 +110,29 @@ def test_bench_det_and_seg_write_rows_and_ratios(tmp_path):
         assert ratio > 0 and key and abs(ratio - rows[0][key] / rows[1][key]) < 1e-9
         line = next(x for x in stdout.splitlines() if x.startswith("| transnext_micro"))
         assert f"{ratio:.2f}" in line
+
+
+def test_bench_bias_forms_times_each_form(tmp_path):
+    """The inference forward with the cached dense bias, the factored one written out per
+    call and the one read by the kernel (interpreter on the CPU): all three give the same
+    output, each is timed, the dense bias's size is reported."""
+    import os
+
+    import pytest
+
+    pytest.importorskip("triton")
+    from triton_env import interpreter_problem
+
+    if interpreter_problem():
+        pytest.skip(interpreter_problem())
+    out = tmp_path / "forms.json"
+    stdout = _run(["benchmarks/bench_bias_forms.py", "--device", "cpu", "--shapes",
+                   "32x64:1:interpolate", "--iters", "1", "--repeats", "1", "--out", str(out)],
+                  env=dict(os.environ, TRITON_INTERPRET="1"))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["stage"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert all(r[f"{f}_ms"] > 0 and r[f"{f}_diff"] < 1e-3 for f in ("dense", "expand",
+                                                                           "gather")), r
+        assert r["dense_mib"] == r["heads"] * r["N"] * r["P"] * 4 / 2**20
+    assert stdout.count("| 32x64 |") == 3

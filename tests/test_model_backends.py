@@ -15,11 +15,8 @@ import pytest
 import torch
 
 
-def compare_backends(device: str, size: tuple[int, int], batch: int, dtype=torch.float32,
-                     seed: int = 0) -> dict:
-    """Max relative errors (logits, worst parameter gradient) of triton vs reference."""
+def _model_and_input(device: str, size: tuple[int, int], batch: int, seed: int = 0):
     from transnext.models.transnext import TransNeXt
-    from transnext.tools.backend_check import compare_backends as compare
 
     torch.manual_seed(seed)
     # Small but complete: aggregated stages with several pool sizes, odd map sizes,
@@ -33,30 +30,62 @@ def compare_backends(device: str, size: tuple[int, int], batch: int, dtype=torch
             if any(k in name for k in ("query_embedding", "learnable", "relative_pos",
                                        "temperature")):
                 p.normal_(0.0, 0.5)
-    x = torch.randn(batch, 3, *size, device=device)
-    return compare(model, x, "triton", None if dtype == torch.float32 else dtype)
+    return model, torch.randn(batch, 3, *size, device=device)
 
 
-def _run_child(pool_bias: str) -> dict:
+def compare_backends(device: str, size: tuple[int, int], batch: int, dtype=torch.float32,
+                     seed: int = 0) -> dict:
+    """Max relative errors (logits, worst parameter gradient) of triton vs reference, and
+    ``infer_logits``: the same for a forward without autograd (eval mode; where the pool
+    bias form may differ from training's)."""
+    from transnext.tools.backend_check import compare_backends as compare
+
+    model, x = _model_and_input(device, size, batch, seed)
+    err = compare(model, x, "triton", None if dtype == torch.float32 else dtype)
+    model.eval()
+    logits = {}
+    with torch.no_grad():
+        for backend in ("reference", "triton"):
+            old = os.environ.get("TRANSNEXT_ATTN_BACKEND")
+            os.environ["TRANSNEXT_ATTN_BACKEND"] = backend
+            try:
+                logits[backend] = model(x).double()
+            finally:
+                if old is None:
+                    os.environ.pop("TRANSNEXT_ATTN_BACKEND")
+                else:
+                    os.environ["TRANSNEXT_ATTN_BACKEND"] = old
+    ref = logits["reference"]
+    err["infer_logits"] = ((logits["triton"] - ref).norm() / ref.norm()).item()
+    return err
+
+
+def _run_child(pool_bias: str, *args: str) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", TRANSNEXT_POOL_BIAS=pool_bias)
     env.pop("TRANSNEXT_ATTN_BACKEND", None)
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("pool_bias", ["dense", "factored"])
-def test_whole_model_triton_matches_reference_cpu_interpreter(pool_bias):
-    """Both forms of the pool bias the kernels read (ops.position_bias), every stage kind."""
+@pytest.mark.parametrize("pool_bias,args", [("dense", ()), ("factored", ()),
+                                             ("auto", ("--no-dense-cache",))],
+                         ids=["dense", "factored", "auto-large"])
+def test_whole_model_triton_matches_reference_cpu_interpreter(pool_bias, args):
+    """Both forms of the pool bias the kernels read (ops.position_bias), every stage kind,
+    training and inference; ``auto-large``: inference at sizes whose dense bias is too large
+    to cache (DENSE_CACHE_MAX_BYTES set to 0) reads the factored one."""
     pytest.importorskip("triton")
     from triton_env import interpreter_problem
 
     if interpreter_problem():
         pytest.skip(interpreter_problem())
-    err = _run_child(pool_bias)
+    err = _run_child(pool_bias, *args)
     assert err["logits"] < 1e-4, err
     assert err["grad"] < 1e-3, err
+    assert err["infer_logits"] < 1e-4, err
+    assert err["infer_factored"] == (pool_bias != "dense"), err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -65,7 +94,7 @@ def test_whole_model_triton_matches_reference_cpu_interpreter(pool_bias):
 def test_whole_model_triton_matches_reference_cuda(dtype, tol, pool_bias, monkeypatch):
     monkeypatch.setenv("TRANSNEXT_POOL_BIAS", pool_bias)
     err = compare_backends("cuda", (224, 224), 4, dtype)
-    assert err["logits"] < tol and err["grad"] < tol, err
+    assert err["logits"] < tol and err["grad"] < tol and err["infer_logits"] < tol, err
 
 
 def test_pool_bias_form_env_is_checked(monkeypatch):
@@ -76,6 +105,24 @@ def test_pool_bias_form_env_is_checked(monkeypatch):
         _factored("triton")
     monkeypatch.setenv("TRANSNEXT_POOL_BIAS", "factored")
     assert _factored("triton") and not _factored("reference")
+
+
+def test_auto_pool_bias_form(monkeypatch):
+    """auto: factored with autograd or under torch.compile; in inference dense up to
+    DENSE_CACHE_MAX_BYTES."""
+    from transnext.models.transnext import DENSE_CACHE_MAX_BYTES, _factored
+
+    monkeypatch.delenv("TRANSNEXT_POOL_BIAS", raising=False)
+    big = DENSE_CACHE_MAX_BYTES + 1
+    with torch.enable_grad():
+        assert _factored("triton") and _factored("triton", big)
+    with torch.no_grad():
+        assert not _factored("triton") and not _factored("triton", DENSE_CACHE_MAX_BYTES)
+        assert _factored("triton", big) and not _factored("reference", big)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert _factored("triton")  # no bias cache under torch.compile
+        monkeypatch.setenv("TRANSNEXT_POOL_BIAS", "dense")
+        assert not _factored("triton", big)
 
 
 class _EnvScaled(torch.nn.Module):
@@ -107,5 +154,18 @@ def test_backend_check_reports_a_disagreeing_backend_and_restores_the_env(monkey
 
 
 if __name__ == "__main__":
+    import transnext.models.transnext as tm
+
     torch.set_num_threads(1)
-    print(json.dumps(compare_backends("cpu", (37, 45), 2)))
+    if "--no-dense-cache" in sys.argv:
+        tm.DENSE_CACHE_MAX_BYTES = 0
+    forms = []  # the pool-bias form each block's inference forward chose
+    real = tm._factored
+    tm._factored = lambda *a: forms.append(real(*a)) or forms[-1]
+    result = compare_backends("cpu", (37, 45), 2)
+    os.environ["TRANSNEXT_ATTN_BACKEND"] = "triton"
+    with torch.no_grad():
+        forms.clear()
+        _model_and_input("cpu", (37, 45), 2)[0].eval()(torch.randn(1, 3, 37, 45))
+    result["infer_factored"] = all(forms) if forms else None
+    print(json.dumps(result))

@@ -308,6 +308,29 @@ def test_factored_bias_matches_dense_reference(case, read, monkeypatch):
 
 
 @needs_here
+@pytest.mark.parametrize("read", ["gather", "expand"])
+@pytest.mark.parametrize("case", FACTORED_CASES[:4], ids=lambda c: "B{}_{}x{}_h{}_J{}".format(
+    *c[:4], c[6]))
+def test_factored_bias_inference_forward(case, read, monkeypatch):
+    """A forward without autograd reads the factored bias as TUNE["factored_infer"] says
+    (default "gather": no (h, N, P) buffer), equal to the reference on its dense form."""
+    from transnext.ops import triton_kernels as tk
+    monkeypatch.setitem(tk.TUNE, "factored_infer", read)
+    expanded = []
+    real = tk.expand_factored
+    monkeypatch.setattr(tk, "expand_factored", lambda *a: expanded.append(1) or real(*a))
+    B, H, W, h, d, pool_hw, taps, weighted = case
+    _, views = make_inputs(B, H, W, h, d, pool_hw[0] * pool_hw[1])
+    fb = make_factored(H, W, h, pool_hw, taps, weighted)
+    vt = views()
+    with torch.no_grad():
+        out = aggregated_attention(*vt[:5], fb, *vt[6:], H, W, 3, backend="triton")
+        ref = aggregated_attention_reference(*vt[:5], fb.dense(), *vt[6:], H, W, 3)
+    assert _rel(out, ref) < TOL[torch.float32][0]
+    assert bool(expanded) == (read == "expand")
+
+
+@needs_here
 @pytest.mark.parametrize("taps,weighted", [(1, False), (2, True), (4, True)])
 def test_factored_expand_and_grad_fold(taps, weighted):
     """The two bias kernels alone: the written-out bias equals FactoredBias.dense() bit for

@@ -266,20 +266,27 @@ class _PositionBias(nn.Module):
 
 
 POOL_BIAS_FORMS = ("auto", "dense", "factored")
+# Largest (h, N, P) fp32 bias a block caches in inference under ``auto``: 48 MiB at 512x512
+# (stage 1), 202-784 MiB per block at 800x1333 and 3 GiB at 1024x2048, where the caches of
+# all blocks took 6 and 21.6 GiB (docs/dense_speed.md, round 5).
+DENSE_CACHE_MAX_BYTES = 128 * 2**20
 
 
-def _factored(backend: str) -> bool:
+def _factored(backend: str, dense_bytes: int = 0) -> bool:
     """Hand the Triton kernels the factored pool bias (``ops.position_bias``)? ``auto``:
     when a graph is recorded (training): the (h, N, P) bias is then never written nor kept
-    for the backward (at 800x1333 the step's peak memory halves); in inference the dense
-    bias is cached per size and read faster. ``TRANSNEXT_POOL_BIAS=dense|factored``
-    forces one form (benchmarks)."""
+    for the backward (at 800x1333 the step's peak memory halves); in inference too when the
+    dense bias (``dense_bytes``) would be larger than DENSE_CACHE_MAX_BYTES, or under
+    torch.compile (which has no bias cache: the dense bias would be rebuilt at every call),
+    else the dense bias is cached per size and read faster.
+    ``TRANSNEXT_POOL_BIAS=dense|factored`` forces one form (benchmarks)."""
     form = os.environ.get("TRANSNEXT_POOL_BIAS", "auto").strip().lower() or "auto"
     if form not in POOL_BIAS_FORMS:
         raise ValueError(f"TRANSNEXT_POOL_BIAS={form!r} is not one of {', '.join(POOL_BIAS_FORMS)}")
     if backend != "triton" or form == "dense":
         return False
-    return form == "factored" or torch.is_grad_enabled()
+    return (form == "factored" or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or dense_bytes > DENSE_CACHE_MAX_BYTES)
 
 
 def _query_params(num_heads: int, head_dim: int) -> tuple[nn.Parameter, nn.Parameter]:
@@ -344,8 +351,9 @@ class AggregatedAttention(_PositionBias):
         backend = None if is_fx_tracing() else resolve_backend(q, self.attn_drop, self.training)
         # Attention-map hook (tools/attention_map.py): keep the reference's softmax weights.
         keep = getattr(self, "keep_weights", False)
+        factored = _factored(backend, 4 * h * N * geo.num_pool)
         out = aggregated_attention(
-            q, k, v, k_pool, v_pool, _position_bias(self, geo, x.device, _factored(backend)),
+            q, k, v, k_pool, v_pool, _position_bias(self, geo, x.device, factored),
             self.query_embedding, self.temperature, self.relative_pos_bias_local,
             self.learnable_tokens, self.learnable_bias, H, W, self.window_size,
             attn_drop=self.attn_drop, training=self.training, backend=backend,

@@ -584,10 +584,13 @@ TUNE = {
                   ONE_PB_MAX=0),
     "bwd_kv_local": dict(BLOCK_N=32, num_warps=4, num_stages=2),
     "bwd_kv_pool": dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=2, programs_per_sm=8),
-    # How the kernels take a factored pool bias (ops.position_bias): "expand" writes it out
-    # per call (ops.position_bias_triton) and folds the gradient back; "gather" reads the
-    # table inside the kernels (no (h, N, P) tensor at all; slower, see that module).
+    # How the kernels take a factored pool bias (ops.position_bias), in training and in
+    # inference: "expand" writes it out per call (ops.position_bias_triton) and folds the
+    # gradient back; "gather" reads the table inside the kernels (no (h, N, P) tensor at all;
+    # slower in training, see that module; in inference no transient (h, N, P) buffer, and
+    # at 1024x2048 the faster one: docs/dense_speed.md, round 5).
     "factored": "expand",
+    "factored_infer": "gather",
 }
 
 
@@ -629,9 +632,10 @@ def _small(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-def _expands(pb_idx) -> bool:
-    """A factored bias (non-empty index) that this call writes out (TUNE["factored"])."""
-    return pb_idx.numel() > 0 and TUNE["factored"] == "expand"
+def _expands(pb_idx, training: bool = True) -> bool:
+    """A factored bias (non-empty index) that this call writes out (TUNE["factored"] in
+    training, TUNE["factored_infer"] in a forward without backward)."""
+    return pb_idx.numel() > 0 and TUNE["factored" if training else "factored_infer"] == "expand"
 
 
 def _fact(pb_idx, pb_w, pool_hw):
@@ -644,7 +648,7 @@ def _fwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
               rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w, H, W, window,
               pool_h, pool_w, save_residual):
     _check(q, k, v, k_pool, v_pool, pool_bias, pb_idx, (pool_h, pool_w), H, W, window)
-    if _expands(pb_idx):
+    if _expands(pb_idx, training=save_residual):  # save_residual: a backward will follow
         pool_bias = expand_factored(pool_bias, pb_idx, pb_w, (H, W), (pool_h, pool_w))
         pb_idx, pb_w = pb_idx[:0], pb_w[:0]
     fk, (HK, WK) = _fact(pb_idx, pb_w, (pool_h, pool_w))
