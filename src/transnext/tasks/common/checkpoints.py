@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from ...engine import checkpointing as ckpt
@@ -21,12 +22,23 @@ def save_last_and_best(out: Path, make_state, is_best: bool, main: bool) -> None
     barrier()
 
 
-def say_interrupted(out: Path, it: int, main: bool) -> None:
-    """Ctrl-C: where the run stands and how to go on."""
-    if main:
-        last = out / "last.pth"
-        print(f"\ninterrupted at iteration {it}; " + (f"resume with --resume {last}"
-              if last.exists() else "no checkpoint yet"), file=sys.stderr, flush=True)
+@contextmanager
+def closing_loop(out: Path, main: bool, bar, mlog, iteration):
+    """Around a trainer's loop: on Ctrl-C, where the run stands (``iteration()``) and how to
+    go on; the progress bar (or None) and the metric log are closed either way."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if main:
+            last = out / "last.pth"
+            print(f"\ninterrupted at iteration {iteration()}; " + (
+                f"resume with --resume {last}" if last.exists() else "no checkpoint yet"),
+                file=sys.stderr, flush=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        mlog.close()
 
 
 def backward_and_step(loss, model, optimizer, scaler, clip_grad: float | None) -> None:

@@ -41,6 +41,18 @@ class TimeBudget:
             return iters
         return max(it, min(iters, round(it / frac)))
 
+    def last_iteration(self, it: int, iters: int, device, bar=None) -> bool:
+        """After iteration ``it`` of at most ``iters``: True when the budget is spent (``it``
+        was then the last iteration, and ``bar``'s total becomes ``it``); else ``bar``'s total
+        follows the expected count (every 10 iterations)."""
+        if it < iters and self.progress(it, iters, device) >= 1.0:
+            if bar is not None:
+                bar.total = it
+            return True
+        if bar is not None and it % 10 == 0:
+            bar.total = self.expected_iters(it, iters)
+        return False
+
     def progress(self, it: int, iters: int, device) -> float:
         p = torch.tensor([max(it / iters, self.elapsed() / self.train_s)], dtype=torch.float64,
                          device=device)

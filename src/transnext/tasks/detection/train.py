@@ -22,7 +22,7 @@ from ...engine.metrics import MetricLog
 from ...engine.models import unwrap
 from ...engine.train import ThreadProbe, seed_all, set_deterministic
 from ...models import CheckpointError, apply_checkpoint
-from ..common.checkpoints import backward_and_step, save_last_and_best, say_interrupted
+from ..common.checkpoints import backward_and_step, closing_loop, save_last_and_best
 from ..common.released import read_any, released_kind, state_dict_of
 from ..common.schedule import TimeBudget, warmup_factor
 from . import recipes
@@ -299,7 +299,7 @@ def _train(args, dist) -> dict:
     loss_names = LOGGED_LOSSES["dino" if is_dino(args.arch) else args.arch]
     sums = torch.zeros(7, dtype=torch.float64)  # 5 logged terms, total, count
     t0, it = time.time(), start_it
-    try:
+    with closing_loop(out, main, bar, mlog, lambda: it):
         net.train()
         while it < total:
             epoch, images, targets = next(batches)
@@ -325,15 +325,11 @@ def _train(args, dist) -> dict:
                 if probe.done and it - probe_from >= REPROBE_EVERY and it < total:
                     # a shared CPU changes under a long run: decide again now and then
                     probe, probe_from = ThreadProbe(total - it, dist, many=many, start=1), it
-            if budget is not None and it < total and budget.progress(it, total, device) >= 1.0:
-                total = it  # the time budget is spent: this was the last iteration
+            if budget is not None and budget.last_iteration(it, total, device, bar):
+                total = it
                 if main:
                     log.info("time budget %.0fs: stopping after %d iterations (%.2f epochs)",
                              args.time_budget, it, it / per_epoch)
-                if bar is not None:
-                    bar.total = it
-            elif bar is not None and budget is not None and it % 10 == 0:
-                bar.total = budget.expected_iters(it, total)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss.item():.3f}", **{
                                     k.replace("loss_", ""): f"{v:.3f}"
@@ -383,13 +379,6 @@ def _train(args, dist) -> dict:
                 mlog.log(row)
             if args.stop_after_iters and it - start_it >= args.stop_after_iters:
                 break
-    except KeyboardInterrupt:
-        say_interrupted(out, it, main)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        mlog.close()
     summary.update({"best_box_AP": best, "checkpoint": str(out / "last.pth"), "iter": it,
                     "iters_per_epoch": per_epoch, "train_time": time.time() - t0})
     return summary

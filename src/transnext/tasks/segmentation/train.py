@@ -21,7 +21,7 @@ from ...engine.metrics import MetricLog
 from ...engine.models import compile_model, unwrap
 from ...engine.train import ThreadProbe, seed_all, set_deterministic
 from ...models import CheckpointError, apply_checkpoint
-from ..common.checkpoints import backward_and_step, save_last_and_best, say_interrupted
+from ..common.checkpoints import backward_and_step, closing_loop, save_last_and_best
 from ..common.released import read_any, released_kind, state_dict_of
 from ..common.schedule import TimeBudget, warmup_factor
 from . import recipes
@@ -270,7 +270,7 @@ def _train(args, dist) -> dict:
     summary = {"output": str(out), "iters": args.iters}
     loss_sum, loss_n, t0, it = 0.0, 0, time.time(), start_it
     budget = TimeBudget(args.time_budget, train_elapsed) if args.time_budget else None
-    try:
+    with closing_loop(out, main, bar, mlog, lambda: it):
         net.train()
         while it < args.iters:
             x, y = next(batches)
@@ -296,16 +296,11 @@ def _train(args, dist) -> dict:
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             if probe is not None:
                 probe.after_batch(it - start_it - 1)
-            if budget is not None and it < args.iters and budget.progress(it, args.iters,
-                                                                          device) >= 1.0:
-                args.iters = it  # the time budget is spent: this was the last iteration
+            if budget is not None and budget.last_iteration(it, args.iters, device, bar):
+                args.iters = it
                 if main:
                     log.info("time budget %.0fs: stopping after %d iterations",
                              args.time_budget, it)
-                if bar is not None:
-                    bar.total = it
-            elif bar is not None and budget is not None and it % 10 == 0:
-                bar.total = budget.expected_iters(it, args.iters)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                 refresh=False)
@@ -343,13 +338,6 @@ def _train(args, dist) -> dict:
                 mlog.log(row)
             if args.stop_after_iters and it - start_it >= args.stop_after_iters:
                 break
-    except KeyboardInterrupt:
-        say_interrupted(out, it, main)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        mlog.close()
     summary.update({"best_mIoU": best, "checkpoint": str(out / "last.pth"), "iter": it,
                     "train_time": time.time() - t0})
     return summary
