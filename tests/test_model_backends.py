@@ -38,6 +38,7 @@ def compare_backends(device: str, size: tuple[int, int], batch: int, dtype=torch
     """Max relative errors (logits, worst parameter gradient) of triton vs reference, and
     ``infer_logits``: the same for a forward without autograd (eval mode; where the pool
     bias form may differ from training's)."""
+    from transnext.ops.aggregated_attention import attention_backend
     from transnext.tools.backend_check import compare_backends as compare
 
     model, x = _model_and_input(device, size, batch, seed)
@@ -46,15 +47,8 @@ def compare_backends(device: str, size: tuple[int, int], batch: int, dtype=torch
     logits = {}
     with torch.no_grad():
         for backend in ("reference", "triton"):
-            old = os.environ.get("TRANSNEXT_ATTN_BACKEND")
-            os.environ["TRANSNEXT_ATTN_BACKEND"] = backend
-            try:
+            with attention_backend(backend):
                 logits[backend] = model(x).double()
-            finally:
-                if old is None:
-                    os.environ.pop("TRANSNEXT_ATTN_BACKEND")
-                else:
-                    os.environ["TRANSNEXT_ATTN_BACKEND"] = old
     ref = logits["reference"]
     err["infer_logits"] = ((logits["triton"] - ref).norm() / ref.norm()).item()
     return err
@@ -163,8 +157,9 @@ if __name__ == "__main__":
     real = tm._factored
     tm._factored = lambda *a: forms.append(real(*a)) or forms[-1]
     result = compare_backends("cpu", (37, 45), 2)
-    os.environ["TRANSNEXT_ATTN_BACKEND"] = "triton"
-    with torch.no_grad():
+    from transnext.ops.aggregated_attention import attention_backend
+
+    with attention_backend("triton"), torch.no_grad():
         forms.clear()
         _model_and_input("cpu", (37, 45), 2)[0].eval()(torch.randn(1, 3, 37, 45))
     result["infer_factored"] = all(forms) if forms else None

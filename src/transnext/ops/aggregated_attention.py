@@ -23,6 +23,7 @@ in the graph.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -54,6 +55,20 @@ def _interpreting() -> bool:
     except Exception:  # pragma: no cover
         return False
     return type(tl.sum).__name__ == "InterpretedFunction"
+
+
+@contextlib.contextmanager
+def attention_backend(name: str):
+    """``TRANSNEXT_ATTN_BACKEND=name`` inside the block, the previous value (or none) after."""
+    old = os.environ.get("TRANSNEXT_ATTN_BACKEND")
+    os.environ["TRANSNEXT_ATTN_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRANSNEXT_ATTN_BACKEND", None)
+        else:
+            os.environ["TRANSNEXT_ATTN_BACKEND"] = old
 
 
 def backend_from_env() -> str:

@@ -7,26 +7,19 @@ interpreter, CUDA) and by ``benchmarks/bench_model.py`` before it times anything
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
+from ..ops.aggregated_attention import attention_backend
+
 
 def _run(model: nn.Module, x: torch.Tensor, backend: str, amp_dtype) -> tuple:
-    old = os.environ.get("TRANSNEXT_ATTN_BACKEND")
-    os.environ["TRANSNEXT_ATTN_BACKEND"] = backend
-    try:
+    with attention_backend(backend):
         model.zero_grad(set_to_none=True)
         with torch.autocast(device_type=x.device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
             logits = model(x)
         logits.float().square().mean().backward()
-    finally:
-        if old is None:
-            os.environ.pop("TRANSNEXT_ATTN_BACKEND", None)
-        else:
-            os.environ["TRANSNEXT_ATTN_BACKEND"] = old
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
              if p.grad is not None}
     model.zero_grad(set_to_none=True)

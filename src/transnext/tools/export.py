@@ -25,6 +25,7 @@ from torch import nn
 
 from ..engine.errors import UserError
 from ..models.geometry import pool_size, stage_size
+from ..ops.aggregated_attention import attention_backend
 from .parsers import FORMATS
 from ..models.transnext import TransNeXt
 
@@ -71,19 +72,11 @@ def min_dynamic_size(model: nn.Module) -> int:
 def _export_mode():
     """Reference attention (the Triton op is not exportable) and size-oblivious tracing
     (sizes >= 2 are not specialised against 0 and 1)."""
-    old = os.environ.get("TRANSNEXT_ATTN_BACKEND")
-    os.environ["TRANSNEXT_ATTN_BACKEND"] = "reference"
-    try:
-        import torch.fx.experimental._config as fx_config
-        patch = (fx_config.patch(backed_size_oblivious=True)
-                 if hasattr(fx_config, "backed_size_oblivious") else contextlib.nullcontext())
-        with patch:
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("TRANSNEXT_ATTN_BACKEND", None)
-        else:
-            os.environ["TRANSNEXT_ATTN_BACKEND"] = old
+    import torch.fx.experimental._config as fx_config
+    patch = (fx_config.patch(backed_size_oblivious=True)
+             if hasattr(fx_config, "backed_size_oblivious") else contextlib.nullcontext())
+    with attention_backend("reference"), patch:
+        yield
 
 
 def _example(model: nn.Module, in_chans: int, hw, batch: int = 1, seed: int = 0) -> torch.Tensor:

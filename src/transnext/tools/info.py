@@ -9,9 +9,7 @@ else). Normalisations, activations and softmax are not counted.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..models.archs import ARCHS, PRETRAIN_SIZE
 from ..models.geometry import stage_size
+from ..ops.aggregated_attention import attention_backend
 
 PUBLISHED = ("transnext_micro", "transnext_tiny", "transnext_small", "transnext_base",
              "transnext_micro_aaaa")
@@ -26,18 +25,6 @@ PUBLISHED = ("transnext_micro", "transnext_tiny", "transnext_small", "transnext_
 DEFAULT = PUBLISHED + ("transnext_femto",)
 
 
-@contextlib.contextmanager
-def _reference_backend():
-    # The count must see the attention as matrix products, not as a fused kernel.
-    old = os.environ.get("TRANSNEXT_ATTN_BACKEND")
-    os.environ["TRANSNEXT_ATTN_BACKEND"] = "reference"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRANSNEXT_ATTN_BACKEND")
-        else:
-            os.environ["TRANSNEXT_ATTN_BACKEND"] = old
 
 
 def _local_window_macs(model, H0: int, W0: int) -> int:
@@ -55,7 +42,9 @@ def count(model, input_size: tuple[int, int, int]) -> dict:
     """Parameters and multiply-adds of one forward pass of a batch of one."""
     params = sum(p.numel() for p in model.parameters())
     x = torch.randn(1, *input_size)
-    with _reference_backend(), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # the count must see the attention as matrix products, not as a fused kernel
+    with attention_backend("reference"), torch.no_grad(), \
+            FlopCounterMode(display=False) as counter:
         model.eval()(x)
     macs = counter.get_total_flops() // 2 + _local_window_macs(model, *input_size[1:])
     return {"params": params, "macs": macs}
