@@ -11,10 +11,21 @@ and ``linear`` (fixed_pool_size 7). Swin gets its input padded to a multiple of 
     python benchmarks/bench_dense.py --shapes 800x1333:2 --variants interp \\
         --compile compiled --compile-mode reduce-overhead
     python benchmarks/bench_dense.py --shapes 800x1333:2 --profile prof.txt   # op table
+    python benchmarks/bench_dense.py --shapes 800x1333:2 --variants interp --floor
+
+``--costs`` adds per row where an eager step's time goes: the host's time to enqueue one
+step (median), the GPU's kernel time of one step (profiler sum) and the kernels launched;
+when the host time exceeds the GPU time, the step waits on Python and the dispatcher.
+
+``--floor`` adds, for each TransNeXt row, one whose aggregated-attention op is replaced by
+``q + k + v`` (plus zero times the sums of the pooled keys, values and bias table, so that
+every other layer still runs forward and backward): what the rest of the backbone costs,
+hence the best ratio any attention kernel could reach. A bound, not a model.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -67,8 +78,38 @@ def make_backbone(name: str, variant: str | None, H: int, W: int, img_size: int 
     return name, timm.create_model(name, features_only=True), (H, W)
 
 
+def _no_attention(q, k, v, k_pool, v_pool, pool_bias, *args, **kwargs):
+    """--floor's stand-in for the aggregated-attention op (same output shape and dtype)."""
+    table = getattr(pool_bias, "table", pool_bias)  # FactoredBias or a dense (h, N, P) bias
+    rest = k_pool.float().sum() + v_pool.float().sum() + table.float().sum()
+    return q + k + v + (rest * 0).to(q.dtype)
+
+
+@contextlib.contextmanager
+def _attention_skipped(on: bool):
+    import transnext.models.transnext as tm
+    real = tm.aggregated_attention
+    if on:
+        tm.aggregated_attention = _no_attention
+    try:
+        yield
+    finally:
+        tm.aggregated_attention = real
+
+
 def bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device, img_size,
-              warmup, iters, repeats, compile_how="model") -> dict:
+              warmup, iters, repeats, compile_how="model", floor=False, costs=False) -> dict:
+    with _attention_skipped(floor):
+        r = _bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device,
+                       img_size, warmup, iters, repeats, compile_how, costs)
+    if floor:
+        r["model"] = r["model"][:-1] + ", attention op skipped]"
+        r["floor"] = True
+    return r
+
+
+def _bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device, img_size,
+               warmup, iters, repeats, compile_how, costs=False) -> dict:
     torch.manual_seed(0)
     label, model, (h, w) = make_backbone(name, variant, H, W, img_size)
     model = model.to(device)
@@ -112,6 +153,7 @@ def bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device, 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sec = _timed(step, device, iters, repeats)
+    extra = _step_costs(step, device, iters) if costs else {}
     peak = reserved = None
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -126,7 +168,30 @@ def bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device, 
                 compiled=compiled, compile_mode=compile_mode if compiled else None,
                 compile_how=how if compiled else None, warmup_s=warmup_s,
                 ms_per_step=sec * 1000, img_per_s=batch / sec, peak_gib=peak,
-                reserved_gib=reserved)
+                reserved_gib=reserved, **extra)
+
+
+def _step_costs(step, device: str, iters: int) -> dict:
+    """Host ms to enqueue a step (median of ``iters``), and for CUDA one profiled step's
+    kernel time (sum of kernel durations) and kernel count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    host = []
+    for _ in range(iters):
+        sync()
+        t = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - t) * 1000)
+        sync()
+    out = dict(host_ms=sorted(host)[len(host) // 2], gpu_ms=None, kernels=None)
+    if device == "cuda":
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            sync()
+        ks = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        out.update(gpu_ms=sum(e.device_time for e in ks) / 1000, kernels=len(ks))
+    return out
 
 
 def profile_step(name, variant, H, W, batch, device, img_size, out: str, rows: int) -> str:
@@ -160,8 +225,11 @@ def profile_step(name, variant, H, W, batch, device, img_size, out: str, rows: i
         if device == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages()
     text = (f"{label} {H}x{W} batch {batch}, two training steps, {device}\n"
-            + prof.key_averages().table(sort_by=key, row_limit=rows))
+            + table.table(sort_by=key, row_limit=rows)
+            + "\nThe same, by number of calls (host work per step: launches)\n"
+            + table.table(sort_by="count", row_limit=rows))
     Path(out).write_text(text)
     return text
 
@@ -190,6 +258,10 @@ def main(argv=None) -> list[dict]:
                    help="instead of timing: profile the first model/variant/shape's training "
                         "step and write the op table here")
     p.add_argument("--profile-rows", type=int, default=40)
+    p.add_argument("--costs", action="store_true",
+                   help="also measure host enqueue ms, GPU kernel ms and kernels per step")
+    p.add_argument("--floor", action="store_true",
+                   help="also time each TransNeXt row with its attention op skipped (a bound)")
     p.add_argument("--out", default="benchmarks/results/dense.json")
     args = p.parse_args(argv)
 
@@ -214,17 +286,20 @@ def main(argv=None) -> list[dict]:
     for H, W, batch in shapes:
         for mode in args.modes:
             for comp in compiled:
-                runs = [(m, v) for m in args.models for v in args.variants]
-                runs += [(b, None) for b in args.baselines]
-                for name, variant in runs:
+                runs = [(m, v, False) for m in args.models for v in args.variants]
+                if args.floor:
+                    runs += [(m, v, True) for m in args.models for v in args.variants]
+                runs += [(b, None, False) for b in args.baselines]
+                for name, variant, floor in runs:
                     try:
                         r = bench_row(name, variant, H, W, batch, mode, comp, args.compile_mode,
                                       dev, args.img_size, warmup, iters, args.repeats,
-                                      args.compile_how)
+                                      args.compile_how, floor, args.costs)
                     except Exception as e:  # OOM or a rejected size: a row that says so
                         msg = ("out of memory" if isinstance(e, torch.OutOfMemoryError)
                                else f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
-                        r = dict(model=name if variant is None else f"{name}[{variant}]",
+                        skip = ", attention op skipped" if floor else ""
+                        r = dict(model=name if variant is None else f"{name}[{variant}{skip}]",
                                  base=name, variant=variant, H=H, W=W, batch=batch, mode=mode,
                                  compiled=comp, compile_mode=args.compile_mode if comp else None,
                                  compile_how=args.compile_how if comp else None, error=msg)
@@ -235,10 +310,11 @@ def main(argv=None) -> list[dict]:
                     print("  " + _row_text(r, rows), flush=True)
                     _write(args.out, env, rows)  # a run cut short keeps its rows
     print(f"\n{env}")
-    print("| backbone | size | batch | mode | compile | ms/step | peak GiB | vs convnext_tiny |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| backbone | size | batch | mode | compile | ms/step | peak GiB | vs convnext_tiny |"
+          + (" host ms | GPU ms | kernels |" if args.costs else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.costs else ""))
     for r in rows:
-        print(_row_text(r, rows, markdown=True))
+        print(_row_text(r, rows, markdown=True, costs=args.costs))
     return rows
 
 
@@ -247,7 +323,7 @@ def _write(out: str, env: dict, rows: list[dict]) -> None:
     Path(out).write_text(json.dumps(dict(env=env, rows=rows), indent=2))
 
 
-def _row_text(r: dict, rows: list[dict], markdown: bool = False) -> str:
+def _row_text(r: dict, rows: list[dict], markdown: bool = False, costs: bool = False) -> str:
     comp = ("eager" if not r["compiled"] else
             f"{r.get('compile_how') or 'model'} ({r.get('compile_mode') or 'default'})")
     cells = [r["model"], f"{r['H']}x{r['W']}", str(r["batch"]), r["mode"], comp]
@@ -264,6 +340,9 @@ def _row_text(r: dict, rows: list[dict], markdown: bool = False) -> str:
             if mem and base[0].get(mem_key):
                 ratio += f", mem {mem / base[0][mem_key]:.2f}x"
         cells += [f"{r['ms_per_step']:.1f}", "-" if mem is None else f"{mem:.2f}", ratio]
+    if costs:
+        cells += ["-" if r.get(k) is None else f"{r[k]:.1f}" if k != "kernels" else str(r[k])
+                  for k in ("host_ms", "gpu_ms", "kernels")]
     if markdown:
         return "| " + " | ".join(cells) + " |"
     return " ".join(f"{c:<{w}}" for c, w in zip(cells, (34, 10, 3, 5, 10, 10, 6, 16)))

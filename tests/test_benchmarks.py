@@ -92,6 +92,53 @@ def test_bench_dense_rows_modes_and_ratio(tmp_path):
     assert f"{base / rows['transnext_micro[extrap]']['ms_per_step']:.2f}x" in line
 
 
+def test_bench_dense_floor_skips_only_the_attention_op(tmp_path):
+    """--floor: a row whose aggregated-attention op is replaced, every other layer (the
+    pooled branch and the bias MLP included) still trained; the real op comes back after."""
+    import timm
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_dense
+    finally:
+        sys.path.pop(0)
+    import transnext.models.transnext as tm
+
+    torch = bench_dense.torch
+    real = tm.aggregated_attention
+    torch.manual_seed(0)
+    model = timm.create_model("transnext_micro", features_only=True).train()
+    x = torch.randn(1, 3, 64, 64)
+    with bench_dense._attention_skipped(True):
+        assert tm.aggregated_attention is not real
+        skipped = model(x)
+        sum(f.square().mean() for f in skipped).backward()
+    assert tm.aggregated_attention is real
+    names = {n: p for n, p in model.named_parameters()}
+    for key in ("attn.kv.weight", "attn.sr.weight", "attn.norm.weight", "attn.cpb_fc1.weight",
+                "attn.q.weight", "mlp.fc1.weight"):
+        grads = [p.grad for n, p in names.items() if n.endswith(key) and "block1.0." in n]
+        assert grads and grads[0] is not None, key
+    assert not any(f.isnan().any() for f in skipped)
+    with torch.no_grad():
+        real_out = model(x)
+    assert any(not torch.allclose(a, b) for a, b in zip(skipped, real_out))
+
+    out = tmp_path / "floor.json"
+    stdout = _run(["benchmarks/bench_dense.py", "--device", "cpu", "--models", "transnext_micro",
+                   "--baselines", "convnext_tiny", "--variants", "extrap", "--floor", "--costs",
+                   "--shapes", "40x72:1", "--modes", "train", "--warmup", "1", "--iters", "2",
+                   "--repeats", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == [
+        "transnext_micro[extrap]", "transnext_micro[extrap, attention op skipped]",
+        "convnext_tiny"]
+    assert "| transnext_micro[extrap, attention op skipped] |" in stdout
+    # --costs: the host's enqueue time per step (no GPU here: no kernel time or count)
+    assert "host ms | GPU ms | kernels |" in stdout
+    for r in rows:
+        assert r["host_ms"] > 0 and r["gpu_ms"] is None and r["kernels"] is None, r
+
+
 def test_bench_det_and_seg_write_rows_and_ratios(tmp_path):
     """The dense benchmarks (Mask R-CNN, DINO, UperNet) run both backbones under one head and
     report TransNeXt's ratio to the last model of the run."""

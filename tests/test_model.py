@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -624,8 +625,10 @@ def test_torch_compile_training_grads():
     g_ref = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad(set_to_none=True)
     torch.compile(m, backend="aot_eager")(x).square().sum().backward()
+    # eager training runs the attention's q/kv/sr projections as one product, a graph as
+    # three: fp32 sums in another order (~2e-6 relative on the largest gradients)
     for n, p in m.named_parameters():
-        torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
 def test_torch_compile_inductor_femto():
@@ -738,6 +741,28 @@ def test_glu_recompute_same_gradients_less_memory():
     assert held_default == held_plain
 
 
+def test_glu_recompute_under_autocast_matches_keeping_everything():
+    """The recompute's backward runs outside autocast: it casts as autocast did (16-bit
+    conv operands), so output and gradients equal those of the plain GLU."""
+    from transnext.models.transnext import ConvolutionalGLU
+
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        m = perturb(ConvolutionalGLU(32, 8, recompute=recompute), 3).train()
+        x = torch.randn(2, 12 * 12, 32, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x, 12, 12)
+        assert y.dtype == torch.bfloat16
+        y.float().square().mean().backward()
+        results.append((y, {"x": x.grad, **{n: p.grad for n, p in m.named_parameters()}}))
+    (y0, g0), (y1, g1) = results
+    assert torch.equal(y0, y1)
+    for n in g0:
+        assert g1[n].dtype == g0[n].dtype == torch.float32, n
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
 def test_glu_recompute_model_level_switch_and_compile():
     torch._dynamo.reset()
     off = perturb(tiny(glu_recompute=False), 13).train()
@@ -753,7 +778,8 @@ def test_glu_recompute_model_level_switch_and_compile():
     torch.compile(m, backend="aot_eager")(x).square().sum().backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
-        torch.testing.assert_close(p.grad, grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+        # (compiled, the attention's projections are three products, not one: ~2e-6)
+        torch.testing.assert_close(p.grad, grads[0][n], rtol=1e-4, atol=1e-5, msg=n)
 
 
 # ---- autocast: one 16-bit copy of a LayerNorm output for its Linears ------------
@@ -763,7 +789,8 @@ def _block_step_under_autocast(share: bool, compile_backend: str | None = None):
     returns fp32): distinct saved storages in bytes, output, input and parameter grads."""
     import transnext.models.transnext as T
 
-    orig = T._cast_for_linears
+    orig, orig_joint = T._cast_for_linears, T._joint_linears
+    T._joint_linears = lambda x, layers: None  # the layers one by one (see the joint test)
     if not share:
         T._cast_for_linears = lambda x, n: (x,) * n
     try:
@@ -786,7 +813,7 @@ def _block_step_under_autocast(share: bool, compile_backend: str | None = None):
         grads = {n: p.grad for n, p in blk.named_parameters()}
         return sum(saved.values()), y.detach(), x.grad, grads
     finally:
-        T._cast_for_linears = orig
+        T._cast_for_linears, T._joint_linears = orig, orig_joint
 
 
 def test_linears_share_one_16bit_copy_under_autocast_same_numbers():
@@ -798,6 +825,65 @@ def test_linears_share_one_16bit_copy_under_autocast_same_numbers():
     assert torch.equal(gx_one, gx_sep)  # gradients still summed in fp32
     for n in g_sep:
         assert torch.equal(g_one[n], g_sep[n]), n
+
+
+def _attention_step(joint: bool, amp: bool):
+    """One aggregated-attention Block's training step: output, grads, non-view ops run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import transnext.models.transnext as T
+
+    views = {"view", "t", "detach", "_unsafe_view", "as_strided", "transpose", "permute",
+             "expand", "slice", "select", "unbind", "split", "split_with_sizes", "alias",
+             "unsqueeze", "squeeze", "_reshape_alias", "reshape", "lift_fresh"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func.__name__.split(".")[0] not in views
+            return func(*args, **(kwargs or {}))
+
+    orig = T._joint_linears
+    if not joint:
+        T._joint_linears = lambda x, layers: None
+    try:
+        torch.manual_seed(0)
+        blk = perturb(T.Block(32, 2, 4, 2, glu_recompute=False), 1).train()
+        geo = T.stage_geometry(12, 12, 2, 2, 224, None, "extrapolate", None)
+        x = torch.randn(2, 144, 32, requires_grad=True)
+        for counted in (False, True):  # the first step also builds the stage's tables
+            x.grad = None
+            blk.zero_grad(set_to_none=True)
+            Count.n = 0
+            with Count() if counted else nullcontext(), torch.autocast(
+                    "cpu", dtype=torch.bfloat16, enabled=amp):
+                y = blk(x, 12, 12, geo)
+                y.float().square().mean().backward()
+        return y.detach(), {"x": x.grad, **{n: p.grad for n, p in blk.named_parameters()}}, \
+            Count.n
+    finally:
+        T._joint_linears = orig
+
+
+def test_attention_projections_as_one_product_in_training():
+    """Eager training runs q, kv and sr (one input) as one product: the separate layers'
+    numbers (fp32: to rounding; bf16: the forward equal, gradients within bf16 noise), in
+    fp32 parameter grads, and fewer ops per step."""
+    y0, g0, n0 = _attention_step(False, amp=False)
+    y1, g1, n1 = _attention_step(True, amp=False)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    for n in g0:
+        assert (g1[n] - g0[n]).norm() <= 1e-5 * g0[n].norm(), n
+    assert n1 < n0, (n0, n1)
+    y0, g0, n0 = _attention_step(False, amp=True)
+    y1, g1, n1 = _attention_step(True, amp=True)
+    assert n0 - n1 >= 8, (n0, n1)  # as GPU training runs: under autocast
+    assert torch.equal(y1, y0)
+    for n in g0:
+        assert g1[n].dtype == g0[n].dtype, n
+        err = (g1[n] - g0[n]).norm() / g0[n].norm().clamp_min(1e-6)
+        assert err < 2e-2, (n, err.item())
 
 
 def test_autocast_availability_as_torch_says():

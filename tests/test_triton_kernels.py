@@ -355,6 +355,64 @@ def test_factored_expand_and_grad_fold(taps, weighted):
 
 
 @needs_here
+@pytest.mark.parametrize("q_hw,k_hw,q0_hw,k0_hw", [
+    ((9, 13), (2, 3), (9, 13), (2, 3)),  # one width tap (extrapolate, or no resize)
+    ((9, 13), (2, 3), (8, 8), (2, 2)),  # interpolate: 4 weighted width taps
+    ((5, 21), (1, 5), (5, 12), (1, 3)),
+], ids=["J1", "J4", "J4-wide"])
+def test_spread_width_matches_index_select(q_hw, k_hw, q0_hw, k0_hw, monkeypatch):
+    """The width spread of the factored bias (geometry.factor_bias(fused=True)) as one Triton
+    kernel each way: the table equals the index_select form bit for bit (same taps, same
+    order) and the cpb MLP output's gradient matches autograd through it."""
+    from transnext.models import geometry
+    from transnext.ops import position_bias_triton as pbt
+
+    plan = geometry.bias_plan(q_hw, k_hw, q0_hw, k0_hw, (7, 7), DEV)
+    assert plan.w_idx.shape[0] == (1 if q_hw == q0_hw else 4)
+    g = torch.Generator().manual_seed(5)
+    per_pair = torch.randn(plan.table.shape[0], 3, generator=g).to(DEV).requires_grad_()
+    calls = []
+    real = pbt._SpreadWidth.apply
+    monkeypatch.setattr(pbt._SpreadWidth, "apply", lambda *a: calls.append(1) or real(*a))
+    fused = geometry.factor_bias(per_pair, plan, fused=True)
+    plain = geometry.factor_bias(per_pair, plan)
+    assert len(calls) == 1
+    if plan.w_w is None or not CUDA:  # compiled, w * t + acc may become one fused multiply-add
+        assert torch.equal(fused.table, plain.table)
+    torch.testing.assert_close(fused.table, plain.table, rtol=1e-6, atol=1e-6)
+    up = torch.randn(plain.table.shape, generator=g).to(DEV)
+    want, = torch.autograd.grad(plain.table, per_pair, up)
+    got, = torch.autograd.grad(fused.table, per_pair, up)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # deterministic algorithms: the atomics' order is not fixed, so the index_select form
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        geometry.factor_bias(per_pair, plan, fused=True)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert len(calls) == 1
+
+
+@needs_here
+def test_grad_fold_rows_are_kept_per_plan_table():
+    """The fold's CSR of table rows is built once per (idx, w) pair of tensors, and again
+    for another tensor even at the same contents."""
+    from transnext.ops import position_bias_triton as pbt
+
+    fb = make_factored(7, 5, 2, (3, 4), 2, True)
+    first = pbt._rows_of(fb.idx, fb.w, fb.table.shape[1])
+    assert pbt._rows_of(fb.idx, fb.w, fb.table.shape[1]) is first
+    again = pbt._rows_of(fb.idx.clone(), fb.w, fb.table.shape[1])
+    assert again is not first and all(torch.equal(a, b) for a, b in zip(again, first))
+    empty = torch.empty(0, device=DEV)
+    one = pbt._rows_of(fb.idx[:1], empty, fb.table.shape[1])
+    assert pbt._rows_of(fb.idx[:1], torch.empty(0, device=DEV), fb.table.shape[1]) is not one
+    idx1 = fb.idx[:1]
+    assert pbt._rows_of(idx1, empty, 9) is pbt._rows_of(idx1, torch.empty(0, device=DEV), 9)
+
+
+@needs_here
 def test_opcheck_factored():
     from transnext.ops import triton_kernels  # noqa: F401
 

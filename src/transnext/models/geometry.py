@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..ops.position_bias import FactoredBias
+from ..ops.position_bias_triton import spread_width
 from ..tables import cached
 
 POS_BIAS_MODES = ("extrapolate", "interpolate")
@@ -143,14 +144,20 @@ def _spread(x: Tensor, dim: int, idx: Tensor, w: Tensor | None) -> Tensor:
     return out
 
 
-def factor_bias(per_pair: Tensor, plan: BiasPlan) -> FactoredBias:
+def factor_bias(per_pair: Tensor, plan: BiasPlan, fused: bool = False) -> FactoredBias:
     """(U, h) cpb-MLP outputs on ``plan.table`` -> the bias in factored form: spread along
     the width axis here (small: (h, Uh, Wq * Wk)), along the height axis by whoever reads
-    it (the Triton kernels, or :meth:`FactoredBias.dense`)."""
+    it (the Triton kernels, or :meth:`FactoredBias.dense`). ``fused``: the width spread as
+    one Triton kernel each way (``ops.position_bias_triton.spread_width``; fp32 only, its
+    backward adds with atomics, so not under deterministic algorithms)."""
     h = per_pair.shape[1]
     t = per_pair.t().reshape(h, -1, plan.num_w)  # (h, Uh, Uw)
-    return FactoredBias(_spread(t, 2, plan.w_idx, plan.w_w), plan.h_idx, plan.h_w,
-                        plan.q_hw, plan.k_hw)
+    if (fused and t.dtype == torch.float32 and not torch.are_deterministic_algorithms_enabled()
+            and not torch.compiler.is_compiling()):  # compiled: Inductor fuses _spread
+        table = spread_width(t, plan.w_idx, plan.w_w)
+    else:
+        table = _spread(t, 2, plan.w_idx, plan.w_w)
+    return FactoredBias(table, plan.h_idx, plan.h_w, plan.q_hw, plan.k_hw)
 
 
 def expand_bias(per_pair: Tensor, plan: BiasPlan) -> Tensor:

@@ -120,6 +120,56 @@ def _cast_for_linears(x: Tensor, n: int) -> tuple[Tensor, ...]:
     return (x,) * n
 
 
+class _JointLinears(torch.autograd.Function):
+    """Several Linear layers of one input as one matrix product (weights concatenated);
+    returns one output per layer, views of the product. The backward concatenates their
+    gradients for two products and one sum, where separate layers each ran two products, a
+    sum and casts and the input's gradients were added up: in eager training the attention's
+    q, kv and sr projections took ~20 launches per block and step this way, ~7 now."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sizes: tuple[int, ...], *params: Tensor):
+        dev = x.device.type
+        dtype = (torch.get_autocast_dtype(dev) if _autocast_available(dev)
+                 and torch.is_autocast_enabled(dev) else x.dtype)
+        ws, bs = params[0::2], params[1::2]
+        w = torch.cat([t.reshape(n, -1) for t, n in zip(ws, sizes)]).to(dtype)
+        b = torch.cat(bs).to(dtype)
+        xc = x.to(dtype)
+        ctx.save_for_backward(xc, w)
+        ctx.meta = (x.dtype, sizes, [t.shape for t in ws], [t.dtype for t in ws])
+        with _autocast_off(x.device):
+            y = F.linear(xc, w, b)
+        return tuple(y.split(sizes, dim=-1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        xc, w = ctx.saved_tensors
+        x_dtype, sizes, shapes, dtypes = ctx.meta
+        g = torch.cat([gi if gi is not None else xc.new_zeros((*xc.shape[:-1], n))
+                       for gi, n in zip(grads, sizes)], dim=-1).to(xc.dtype)
+        g2 = g.reshape(-1, g.shape[-1])
+        dx = (g @ w).to(x_dtype) if ctx.needs_input_grad[0] else None
+        dw = (g2.t() @ xc.reshape(-1, xc.shape[-1])).split(sizes)
+        db = g2.sum(0).split(sizes)
+        out = []
+        for i, (n, shape, dt) in enumerate(zip(sizes, shapes, dtypes)):
+            out += [dw[i].reshape(shape).to(dt), db[i].to(dt)]
+        return (dx, None, *out)
+
+
+def _joint_linears(x: Tensor, layers) -> tuple[Tensor, ...] | None:
+    """``F.linear(x, l.weight, l.bias)`` for each layer (1x1 convs as linears) as one product
+    in eager training, else None: the caller runs the layers (inference, graphs and FX keep
+    their modules and their numbers)."""
+    params = [t for lyr in layers for t in (lyr.weight, lyr.bias)]
+    if (torch.is_grad_enabled() and not is_fx_tracing() and not torch.compiler.is_compiling()
+            and all(t is not None for t in params) and any(t.requires_grad for t in params)
+            and not any(lyr._forward_hooks or lyr._forward_pre_hooks for lyr in layers)):
+        return _JointLinears.apply(x, tuple(lyr.weight.shape[0] for lyr in layers), *params)
+    return None
+
+
 def _tokens_to_map(x: Tensor, H: int, W: int) -> Tensor:
     """(B, N, C) -> (B, C, H, W) as a channels_last view (no copy)."""
     return x.reshape(x.shape[0], H, W, x.shape[-1]).permute(0, 3, 1, 2)
@@ -183,6 +233,51 @@ class DWConv(nn.Module):
         return _map_to_tokens(self.dwconv(_tokens_to_map(x, H, W)))
 
 
+class _GatedRecompute(torch.autograd.Function):
+    """``gelu(dwconv(gate)) * value`` keeping only ``gate`` and ``value`` for the backward,
+    which recomputes the conv and GELU and applies their gradients directly (the ops
+    autograd would run, in the same order: same numbers). What ``checkpoint`` did here,
+    without its per-call hooks, RNG-state capture and recorded recomputation, which cost
+    ~1 ms of host time per block and step in eager training (docs/dense_speed.md)."""
+
+    @staticmethod
+    def forward(ctx, gate, value, weight, bias, H: int, W: int, approximate: str):
+        dev = gate.device.type
+        ctx.amp = _autocast_available(dev) and torch.is_autocast_enabled(dev)
+        ctx.amp_dtype = torch.get_autocast_dtype(dev) if ctx.amp else None
+        ctx.geom = (H, W, approximate)
+        ctx.save_for_backward(gate, value, weight, bias)
+        c, _, _ = _GatedRecompute._conv(gate, weight, bias, H, W)
+        # GELU on the token view, as _gated does (the map layout rounds differently on CPUs)
+        return F.gelu(_map_to_tokens(c), approximate=approximate) * value
+
+    @staticmethod
+    def _conv(gate, weight, bias, H, W):
+        # autocast's choice for conv2d, made explicit: the backward runs outside autocast
+        m = _tokens_to_map(gate, H, W)
+        w = weight.to(gate.dtype) if weight.dtype != gate.dtype else weight
+        b = bias.to(gate.dtype) if bias.dtype != gate.dtype else bias
+        return F.conv2d(m, w, b, 1, 1, 1, weight.shape[0]), m, w
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, value, weight, bias = ctx.saved_tensors
+        H, W, approximate = ctx.geom
+        with torch.no_grad():
+            if ctx.amp:  # the forward's operands were cast by autocast: cast alike
+                gate = gate.to(ctx.amp_dtype)
+            c, m, w = _GatedRecompute._conv(gate, weight, bias, H, W)
+            c = _map_to_tokens(c)
+            d_value = g * F.gelu(c, approximate=approximate) if ctx.needs_input_grad[1] else None
+            d_c = torch.ops.aten.gelu_backward(g * value, c, approximate=approximate)
+            d_map, d_w, d_b = torch.ops.aten.convolution_backward(
+                _tokens_to_map(d_c, H, W), m, w, [w.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], w.shape[0],
+                [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]])
+        d_gate = None if d_map is None else _map_to_tokens(d_map)
+        return (d_gate, d_value, None if d_w is None else d_w.to(weight.dtype),
+                None if d_b is None else d_b.to(bias.dtype), None, None, None)
+
+
 class ConvolutionalGLU(nn.Module):
     """SPEC section 6: fc1 -> (gate, value); fc2(gelu(dwconv(gate)) * value).
 
@@ -220,8 +315,15 @@ class ConvolutionalGLU(nn.Module):
         value = F.linear(xv, w[hidden:], b[hidden:])
         recompute = (not is_fx_tracing()  # checkpointing has no place in an FX graph
                      and (gate.is_cuda if self.recompute is None else self.recompute))
+        conv = self.dwconv.dwconv
         if recompute and self.training and torch.is_grad_enabled() and (
-                gate.requires_grad or value.requires_grad):
+                gate.requires_grad or value.requires_grad) and (
+                type(self.act) is nn.GELU and not conv._forward_hooks
+                and not conv._forward_pre_hooks):
+            x = _GatedRecompute.apply(gate, value, conv.weight, conv.bias, H, W,
+                                      self.act.approximate)
+        elif recompute and self.training and torch.is_grad_enabled() and (
+                gate.requires_grad or value.requires_grad):  # a hooked or replaced module
             x = checkpoint(self._gated, gate, value, H, W, use_reentrant=False)
         else:
             x = self._gated(gate, value, H, W)
@@ -246,7 +348,7 @@ class _PositionBias(nn.Module):
             w1, w2 = self.cpb_fc1.weight.to(acc), self.cpb_fc2.weight.to(acc)
             b1, b2 = self.cpb_fc1.bias.to(acc), self.cpb_fc2.bias.to(acc)
             per_pair = F.linear(F.relu(F.linear(plan.table.to(acc), w1, b1)), w2, b2)  # (U, h)
-            bias = factor_bias(per_pair, plan)
+            bias = factor_bias(per_pair, plan, fused=factored)
             # the Triton kernels read the factored form; SDPA and the reference a dense one
             return bias if factored else bias.dense()
 
@@ -331,12 +433,16 @@ class AggregatedAttention(_PositionBias):
     def forward(self, x: Tensor, H: int, W: int, geo: StageGeometry) -> Tensor:
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        xq, xkv, xsr = _cast_for_linears(x, 3)
-        q = self.q(xq).reshape(B, N, h, d)
-        k, v = self.kv(xkv).reshape(B, N, 2, h, d).unbind(2)
-
-        # The 1x1 `sr` conv is a per-token linear map: run it as one (faster on every backend).
-        y = _gelu_fresh(self.act, F.linear(xsr, self.sr.weight.view(C, C), self.sr.bias))
+        joint = _joint_linears(x, (self.q, self.kv, self.sr))
+        if joint is None:
+            xq, xkv, xsr = _cast_for_linears(x, 3)
+            # The 1x1 `sr` conv is a per-token linear map: run it as one (faster everywhere).
+            joint = (self.q(xq), self.kv(xkv),
+                     F.linear(xsr, self.sr.weight.view(C, C), self.sr.bias))
+        q, kv, y = joint
+        q = q.reshape(B, N, h, d)
+        k, v = kv.reshape(B, N, 2, h, d).unbind(2)
+        y = _gelu_fresh(self.act, y)
         if isinstance(geo, symbolic_tables.SymbolicGeometry):  # export hook: symbolic size
             pooled = geo.pool(_tokens_to_map(y, H, W))
         elif torch.are_deterministic_algorithms_enabled() and not is_fx_tracing() and y.is_cuda:

@@ -11,6 +11,12 @@ the dense gradient into the table here: each table row sums the (query row, key 
 that use it, in a fixed order (deterministic, no atomics).
 
 ``bias[h, (qh, qw), (kh, kw)] = sum_j w[j, (qh, kh)] * table[h, idx[j, (qh, kh)], qw * Wk + kw]``
+
+The table itself is the cpb MLP's output spread along the width axis
+(``models.geometry.factor_bias``): :func:`spread_width` does that in one kernel per
+direction instead of J index_selects, products and sums forward and J index_adds
+backward (4 taps in interpolate mode: ~20 launches per block and step, and at 800x1333
+about 8 ms of a training step's GPU time on an H200).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from torch import Tensor
 from .triton_launch import kernel
 
 BLOCK_C = 512  # table columns (qw * Wk + kw) per program of the gradient fold
+SPREAD_BLOCK = (8, 256)  # (rows, columns) per program of the width spread
 
 
 def _expand_kernel(TABLE, IDX, WTS, OUT, sth, str_, NPAIR, N, P, WQ, HK, WK,
@@ -84,9 +91,27 @@ def expand_factored(table: Tensor, idx: Tensor, w: Tensor, q_hw, k_hw) -> Tensor
     return out
 
 
+_ROWS_OF: dict = {}
+
+
 def _rows_of(idx: Tensor, w: Tensor, rows: int):
     """Which (qh, kh) pairs (and tap weights) each table row sums, as CSR: row u owns entries
-    ptr[u]:ptr[u + 1] of (pair, weight). Pure device ops, no host sync."""
+    ptr[u]:ptr[u + 1] of (pair, weight). Pure device ops, no host sync. Kept per (idx, w)
+    (a stage's cached plan tables: every block's backward asks again; ~8 launches each)."""
+    wt = w if w.numel() else None  # empty weights are made afresh per call
+    key = (idx.data_ptr(), 0 if wt is None else wt.data_ptr(), rows)
+    hit = _ROWS_OF.get(key)
+    if hit is not None and hit[0] is idx and hit[1] is wt:  # the references pin the addresses
+        return hit[2]
+    out = _csr(idx, w, rows)
+    if not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):  # not a graph's pool
+        if len(_ROWS_OF) >= 64:
+            _ROWS_OF.clear()
+        _ROWS_OF[key] = (idx, wt, out)
+    return out
+
+
+def _csr(idx: Tensor, w: Tensor, rows: int):
     J, npair = idx.shape
     key = idx.reshape(-1).long()
     order = torch.argsort(key, stable=True)
@@ -109,3 +134,73 @@ def reduce_factored_grad(dpb: Tensor, idx: Tensor, w: Tensor, rows: int, q_hw, k
         dpb, ptr, pair, wts if wts.numel() else ptr, dt, dt.stride(0), dt.stride(1),
         N, P, Wq, Hk, Wk, Wq * Wk, HAS_W=wts.numel() > 0, BLOCK=BLOCK_C)
     return dt
+
+
+def _spread_kernel(T, IDX, WTS, OUT, ROWS, U, C, J: tl.constexpr, HAS_W: tl.constexpr,
+                   RB: tl.constexpr, CB: tl.constexpr):
+    # out[r, c] = sum_j w[j, c] * t[r, idx[j, c]], the taps added in order (as _spread does)
+    rows = (tl.program_id(1) * RB + tl.arange(0, RB)).to(tl.int64)
+    cols = tl.program_id(0) * CB + tl.arange(0, CB)
+    c_ok = cols < C
+    ok = (rows < ROWS)[:, None] & c_ok[None, :]
+    acc = tl.zeros([RB, CB], tl.float32)
+    for j in tl.static_range(J):
+        u = tl.load(IDX + j * C + cols, mask=c_ok, other=0)
+        v = tl.load(T + rows[:, None] * U + u[None, :], mask=ok, other=0.0)
+        if HAS_W:
+            v = v * tl.load(WTS + j * C + cols, mask=c_ok, other=0.0)[None, :]
+        acc += v
+    tl.store(OUT + rows[:, None] * C + cols[None, :], acc, mask=ok)
+
+
+def _spread_grad_kernel(G, IDX, WTS, DT, ROWS, U, C, J: tl.constexpr, HAS_W: tl.constexpr,
+                        RB: tl.constexpr, CB: tl.constexpr):
+    # dt[r, idx[j, c]] += w[j, c] * g[r, c]: one read of g for all taps (fp32 atomics)
+    rows = (tl.program_id(1) * RB + tl.arange(0, RB)).to(tl.int64)
+    cols = tl.program_id(0) * CB + tl.arange(0, CB)
+    c_ok = cols < C
+    ok = (rows < ROWS)[:, None] & c_ok[None, :]
+    g = tl.load(G + rows[:, None] * C + cols[None, :], mask=ok, other=0.0)
+    for j in tl.static_range(J):
+        u = tl.load(IDX + j * C + cols, mask=c_ok, other=0)
+        gj = g
+        if HAS_W:
+            gj = g * tl.load(WTS + j * C + cols, mask=c_ok, other=0.0)[None, :]
+        tl.atomic_add(DT + rows[:, None] * U + u[None, :], gj, mask=ok, sem="relaxed")
+
+
+def _launch_spread(fn, src: Tensor, idx: Tensor, w: Tensor | None, dst: Tensor) -> None:
+    rows, u = src.shape[0] * src.shape[1], (src if fn is _spread_kernel else dst).shape[2]
+    J, C = idx.shape
+    rb, cb = SPREAD_BLOCK
+    kernel(fn, not src.is_cuda)[(triton.cdiv(C, cb), triton.cdiv(rows, rb))](
+        src, idx, idx if w is None else w, dst, rows, u, C, J=J, HAS_W=w is not None,
+        RB=rb, CB=cb)
+
+
+class _SpreadWidth(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, idx, w):
+        t = t.contiguous()
+        out = torch.empty((*t.shape[:2], idx.shape[1]), dtype=t.dtype, device=t.device)
+        if out.numel():
+            _launch_spread(_spread_kernel, t, idx, w, out)
+        ctx.save_for_backward(idx, w)
+        ctx.t_shape = t.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        idx, w = ctx.saved_tensors
+        dt = torch.zeros(ctx.t_shape, dtype=torch.float32, device=g.device)
+        if g.numel():
+            _launch_spread(_spread_grad_kernel, g.contiguous().float(), idx, w, dt)
+        return dt.to(g.dtype), None, None
+
+
+def spread_width(t: Tensor, idx: Tensor, w: Tensor | None) -> Tensor:
+    """``sum_j w[j] * t.index_select(2, idx[j])`` for ``t`` (h, Uh, Uw) fp32, ``idx`` (J, C)
+    int32 and ``w`` (J, C) fp32 or None (weights of 1), differentiable in ``t``."""
+    if w is not None:
+        w = w.contiguous()
+    return _SpreadWidth.apply(t, idx.contiguous(), w)

@@ -681,7 +681,7 @@ def _fwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
 
 def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
               rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w, out, out_res, lse,
-              dout, H, W, window, pool_h, pool_w):
+              dout, H, W, window, pool_h, pool_w, shared_zeros=False):
     table = None
     if _expands(pb_idx):  # write the bias out again (not kept from the forward: memory)
         table, idx_f, w_f = pool_bias, pb_idx, pb_w
@@ -728,11 +728,13 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     excl = G == 1 and B > 0 and not one_pb and fk["JT"] == 0
     dpb_f = (torch.zeros(pool_bias.shape, **zf) if fk["JT"] else
              torch.empty((h, N, P), **zf) if excl else torch.zeros((h, N, P), **zf))
-    dqe_f = torch.zeros(query_embedding.shape, **zf)
-    dtemp_f = torch.zeros(temperature.shape, **zf)
-    drbl_f = torch.zeros(rel_bias_local.shape, **zf)
-    dlt_f = torch.zeros(learnable_tokens.shape, **zf)
-    dlb_f = torch.zeros(learnable_bias.shape, **zf)
+    small = (query_embedding, temperature, rel_bias_local, learnable_tokens, learnable_bias)
+    if shared_zeros:  # views of one zeroed buffer: one launch, not five (eager host time)
+        flat = torch.zeros(sum(t.numel() for t in small), **zf)
+        dqe_f, dtemp_f, drbl_f, dlt_f, dlb_f = (
+            c.view(t.shape) for c, t in zip(flat.split([t.numel() for t in small]), small))
+    else:  # a custom op's outputs may not alias each other
+        dqe_f, dtemp_f, drbl_f, dlt_f, dlb_f = (torch.zeros(t.shape, **zf) for t in small)
 
     kernel(_bwd_q_kernel, interp)[(n_tiles, h, G)](
         q, k, v, k_pool, v_pool, pool_bias, pb_idx, pb_w, qe, temp, rbl, lt, lb, out,
@@ -894,7 +896,8 @@ class _AggregatedAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         H, W, window, pool_h, pool_w = ctx.geom
-        grads = _bwd_impl(*ctx.saved_tensors, dout, H, W, window, pool_h, pool_w)
+        grads = _bwd_impl(*ctx.saved_tensors, dout, H, W, window, pool_h, pool_w,
+                          shared_zeros=True)
         return (*grads, None, None, None, None, None, None, None, None)
 
 
