@@ -136,46 +136,40 @@ def reduce_factored_grad(dpb: Tensor, idx: Tensor, w: Tensor, rows: int, q_hw, k
     return dt
 
 
-def _spread_kernel(T, IDX, WTS, OUT, ROWS, U, C, J: tl.constexpr, HAS_W: tl.constexpr,
-                   RB: tl.constexpr, CB: tl.constexpr):
-    # out[r, c] = sum_j w[j, c] * t[r, idx[j, c]], the taps added in order (as _spread does)
+def _spread_kernel(SRC, IDX, WTS, DST, ROWS, U, C, J: tl.constexpr, HAS_W: tl.constexpr,
+                   GRAD: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
+    # forward: dst[r, c] = sum_j w[j, c] * src[r, idx[j, c]], the taps added in order (as
+    # _spread does); GRAD: dst[r, idx[j, c]] += w[j, c] * src[r, c], one read of src for all
+    # taps (fp32 atomics). Rows of src/dst have U and C entries (forward), C and U (GRAD).
     rows = (tl.program_id(1) * RB + tl.arange(0, RB)).to(tl.int64)
     cols = tl.program_id(0) * CB + tl.arange(0, CB)
     c_ok = cols < C
     ok = (rows < ROWS)[:, None] & c_ok[None, :]
-    acc = tl.zeros([RB, CB], tl.float32)
+    if GRAD:
+        g = tl.load(SRC + rows[:, None] * C + cols[None, :], mask=ok, other=0.0)
+    else:
+        acc = tl.zeros([RB, CB], tl.float32)
     for j in tl.static_range(J):
         u = tl.load(IDX + j * C + cols, mask=c_ok, other=0)
-        v = tl.load(T + rows[:, None] * U + u[None, :], mask=ok, other=0.0)
-        if HAS_W:
-            v = v * tl.load(WTS + j * C + cols, mask=c_ok, other=0.0)[None, :]
-        acc += v
-    tl.store(OUT + rows[:, None] * C + cols[None, :], acc, mask=ok)
+        w = tl.load(WTS + j * C + cols, mask=c_ok, other=0.0)[None, :] if HAS_W else 1.0
+        if GRAD:
+            tl.atomic_add(DST + rows[:, None] * U + u[None, :], g * w if HAS_W else g,
+                          mask=ok, sem="relaxed")
+        else:
+            v = tl.load(SRC + rows[:, None] * U + u[None, :], mask=ok, other=0.0)
+            acc += v * w if HAS_W else v
+    if not GRAD:
+        tl.store(DST + rows[:, None] * C + cols[None, :], acc, mask=ok)
 
 
-def _spread_grad_kernel(G, IDX, WTS, DT, ROWS, U, C, J: tl.constexpr, HAS_W: tl.constexpr,
-                        RB: tl.constexpr, CB: tl.constexpr):
-    # dt[r, idx[j, c]] += w[j, c] * g[r, c]: one read of g for all taps (fp32 atomics)
-    rows = (tl.program_id(1) * RB + tl.arange(0, RB)).to(tl.int64)
-    cols = tl.program_id(0) * CB + tl.arange(0, CB)
-    c_ok = cols < C
-    ok = (rows < ROWS)[:, None] & c_ok[None, :]
-    g = tl.load(G + rows[:, None] * C + cols[None, :], mask=ok, other=0.0)
-    for j in tl.static_range(J):
-        u = tl.load(IDX + j * C + cols, mask=c_ok, other=0)
-        gj = g
-        if HAS_W:
-            gj = g * tl.load(WTS + j * C + cols, mask=c_ok, other=0.0)[None, :]
-        tl.atomic_add(DT + rows[:, None] * U + u[None, :], gj, mask=ok, sem="relaxed")
-
-
-def _launch_spread(fn, src: Tensor, idx: Tensor, w: Tensor | None, dst: Tensor) -> None:
-    rows, u = src.shape[0] * src.shape[1], (src if fn is _spread_kernel else dst).shape[2]
+def _launch_spread(src: Tensor, idx: Tensor, w: Tensor | None, dst: Tensor, grad: bool):
+    table = dst if grad else src  # the (h, Uh, Uw) side
+    rows, u = table.shape[0] * table.shape[1], table.shape[2]
     J, C = idx.shape
     rb, cb = SPREAD_BLOCK
-    kernel(fn, not src.is_cuda)[(triton.cdiv(C, cb), triton.cdiv(rows, rb))](
+    kernel(_spread_kernel, not src.is_cuda)[(triton.cdiv(C, cb), triton.cdiv(rows, rb))](
         src, idx, idx if w is None else w, dst, rows, u, C, J=J, HAS_W=w is not None,
-        RB=rb, CB=cb)
+        GRAD=grad, RB=rb, CB=cb)
 
 
 class _SpreadWidth(torch.autograd.Function):
@@ -184,7 +178,7 @@ class _SpreadWidth(torch.autograd.Function):
         t = t.contiguous()
         out = torch.empty((*t.shape[:2], idx.shape[1]), dtype=t.dtype, device=t.device)
         if out.numel():
-            _launch_spread(_spread_kernel, t, idx, w, out)
+            _launch_spread(t, idx, w, out, grad=False)
         ctx.save_for_backward(idx, w)
         ctx.t_shape = t.shape
         return out
@@ -194,7 +188,7 @@ class _SpreadWidth(torch.autograd.Function):
         idx, w = ctx.saved_tensors
         dt = torch.zeros(ctx.t_shape, dtype=torch.float32, device=g.device)
         if g.numel():
-            _launch_spread(_spread_grad_kernel, g.contiguous().float(), idx, w, dt)
+            _launch_spread(g.contiguous().float(), idx, w, dt, grad=True)
         return dt.to(g.dtype), None, None
 
 
