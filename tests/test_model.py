@@ -626,9 +626,9 @@ def test_torch_compile_training_grads():
     m.zero_grad(set_to_none=True)
     torch.compile(m, backend="aot_eager")(x).square().sum().backward()
     # eager training runs the attention's q/kv/sr projections as one product, a graph as
-    # three: fp32 sums in another order (~2e-6 relative on the largest gradients)
+    # three: fp32 sums in another order (~2e-6 relative)
     for n, p in m.named_parameters():
-        torch.testing.assert_close(p.grad, g_ref[n], rtol=1e-4, atol=1e-5, msg=n)
+        assert (p.grad - g_ref[n]).norm() <= 2e-5 * g_ref[n].norm() + 1e-6, n
 
 
 def test_torch_compile_inductor_femto():
@@ -778,8 +778,9 @@ def test_glu_recompute_model_level_switch_and_compile():
     torch.compile(m, backend="aot_eager")(x).square().sum().backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
-        # (compiled, the attention's projections are three products, not one: ~2e-6)
-        torch.testing.assert_close(p.grad, grads[0][n], rtol=1e-4, atol=1e-5, msg=n)
+        # compiled, the attention's projections are three products, not one: fp32 sums in
+        # another order (~2e-6 relative; elementwise it shows where gradients cancel)
+        assert (p.grad - grads[0][n]).norm() <= 2e-5 * grads[0][n].norm() + 1e-6, n
 
 
 # ---- autocast: one 16-bit copy of a LayerNorm output for its Linears ------------

@@ -124,8 +124,9 @@ class _JointLinears(torch.autograd.Function):
     """Several Linear layers of one input as one matrix product (weights concatenated);
     returns one output per layer, views of the product. The backward concatenates their
     gradients for two products and one sum, where separate layers each ran two products, a
-    sum and casts and the input's gradients were added up: in eager training the attention's
-    q, kv and sr projections took ~20 launches per block and step this way, ~7 now."""
+    sum and casts and the input's gradients were added up (the attention's q, kv and sr under
+    autocast: 9 fewer ops per block and step, 330 -> 230 us of host time on the project's
+    CPU; docs/dense_speed.md, round 6)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, sizes: tuple[int, ...], *params: Tensor):
@@ -237,45 +238,49 @@ class _GatedRecompute(torch.autograd.Function):
     """``gelu(dwconv(gate)) * value`` keeping only ``gate`` and ``value`` for the backward,
     which recomputes the conv and GELU and applies their gradients directly (the ops
     autograd would run, in the same order: same numbers). What ``checkpoint`` did here,
-    without its per-call hooks, RNG-state capture and recorded recomputation, which cost
-    ~1 ms of host time per block and step in eager training (docs/dense_speed.md)."""
+    without its per-call hooks, RNG-state capture and recorded recomputation (on the
+    project's CPU, host-bound: 800 -> 550 us per GLU forward and backward; 420 without
+    recompute; docs/dense_speed.md, round 6)."""
 
     @staticmethod
-    def forward(ctx, gate, value, weight, bias, H: int, W: int, approximate: str):
+    def forward(ctx, gate, value, weight, bias, geom: tuple):
+        # geom: (H, W, GELU's approximate, the conv's stride, padding, dilation, groups)
         dev = gate.device.type
         ctx.amp = _autocast_available(dev) and torch.is_autocast_enabled(dev)
         ctx.amp_dtype = torch.get_autocast_dtype(dev) if ctx.amp else None
-        ctx.geom = (H, W, approximate)
+        ctx.geom = geom
         ctx.save_for_backward(gate, value, weight, bias)
-        c, _, _ = _GatedRecompute._conv(gate, weight, bias, H, W)
+        c, _, _ = _GatedRecompute._conv(gate, weight, bias, geom)
         # GELU on the token view, as _gated does (the map layout rounds differently on CPUs)
-        return F.gelu(_map_to_tokens(c), approximate=approximate) * value
+        return F.gelu(_map_to_tokens(c), approximate=geom[2]) * value
 
     @staticmethod
-    def _conv(gate, weight, bias, H, W):
+    def _conv(gate, weight, bias, geom):
         # autocast's choice for conv2d, made explicit: the backward runs outside autocast
+        H, W, _, stride, padding, dilation, groups = geom
         m = _tokens_to_map(gate, H, W)
         w = weight.to(gate.dtype) if weight.dtype != gate.dtype else weight
         b = bias.to(gate.dtype) if bias.dtype != gate.dtype else bias
-        return F.conv2d(m, w, b, 1, 1, 1, weight.shape[0]), m, w
+        return F.conv2d(m, w, b, stride, padding, dilation, groups), m, w
 
     @staticmethod
     def backward(ctx, g):
         gate, value, weight, bias = ctx.saved_tensors
-        H, W, approximate = ctx.geom
+        H, W, approximate, stride, padding, dilation, groups = ctx.geom
+        need_gate, need_value, need_w, need_b = ctx.needs_input_grad[:4]
         with torch.no_grad():
             if ctx.amp:  # the forward's operands were cast by autocast: cast alike
                 gate = gate.to(ctx.amp_dtype)
-            c, m, w = _GatedRecompute._conv(gate, weight, bias, H, W)
+            c, m, w = _GatedRecompute._conv(gate, weight, bias, ctx.geom)
             c = _map_to_tokens(c)
-            d_value = g * F.gelu(c, approximate=approximate) if ctx.needs_input_grad[1] else None
+            d_value = g * F.gelu(c, approximate=approximate) if need_value else None
             d_c = torch.ops.aten.gelu_backward(g * value, c, approximate=approximate)
             d_map, d_w, d_b = torch.ops.aten.convolution_backward(
-                _tokens_to_map(d_c, H, W), m, w, [w.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], w.shape[0],
-                [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]])
+                _tokens_to_map(d_c, H, W), m, w, [w.shape[0]], list(stride), list(padding),
+                list(dilation), False, [0, 0], groups, [need_gate, need_w, need_b])
         d_gate = None if d_map is None else _map_to_tokens(d_map)
         return (d_gate, d_value, None if d_w is None else d_w.to(weight.dtype),
-                None if d_b is None else d_b.to(bias.dtype), None, None, None)
+                None if d_b is None else d_b.to(bias.dtype), None)
 
 
 class ConvolutionalGLU(nn.Module):
@@ -318,12 +323,16 @@ class ConvolutionalGLU(nn.Module):
         conv = self.dwconv.dwconv
         if recompute and self.training and torch.is_grad_enabled() and (
                 gate.requires_grad or value.requires_grad) and (
-                type(self.act) is nn.GELU and not conv._forward_hooks
-                and not conv._forward_pre_hooks):
-            x = _GatedRecompute.apply(gate, value, conv.weight, conv.bias, H, W,
-                                      self.act.approximate)
+                # graphs keep checkpoint (what torch.compile has run on the GPU); so does a
+                # hooked or replaced module
+                not torch.compiler.is_compiling() and type(self.act) is nn.GELU
+                and conv.bias is not None and conv.padding_mode == "zeros"
+                and not conv._forward_hooks and not conv._forward_pre_hooks):
+            x = _GatedRecompute.apply(gate, value, conv.weight, conv.bias, (
+                H, W, self.act.approximate, conv.stride, conv.padding, conv.dilation,
+                conv.groups))
         elif recompute and self.training and torch.is_grad_enabled() and (
-                gate.requires_grad or value.requires_grad):  # a hooked or replaced module
+                gate.requires_grad or value.requires_grad):
             x = checkpoint(self._gated, gate, value, H, W, use_reentrant=False)
         else:
             x = self._gated(gate, value, H, W)
