@@ -401,15 +401,17 @@ def test_grad_fold_rows_are_kept_per_plan_table():
     from transnext.ops import position_bias_triton as pbt
 
     fb = make_factored(7, 5, 2, (3, 4), 2, True)
-    first = pbt._rows_of(fb.idx, fb.w, fb.table.shape[1])
-    assert pbt._rows_of(fb.idx, fb.w, fb.table.shape[1]) is first
-    again = pbt._rows_of(fb.idx.clone(), fb.w, fb.table.shape[1])
+    rows = fb.table.shape[1]
+    first = pbt._rows_of(fb.idx, fb.w, rows, keep=True)
+    assert pbt._rows_of(fb.idx, fb.w, rows, keep=True) is first
+    assert pbt._rows_of(fb.idx, fb.w, rows) is not first  # not kept: built afresh
+    again = pbt._rows_of(fb.idx.clone(), fb.w, rows, keep=True)
     assert again is not first and all(torch.equal(a, b) for a, b in zip(again, first))
-    empty = torch.empty(0, device=DEV)
-    one = pbt._rows_of(fb.idx[:1], empty, fb.table.shape[1])
-    assert pbt._rows_of(fb.idx[:1], torch.empty(0, device=DEV), fb.table.shape[1]) is not one
+    one = pbt._rows_of(fb.idx[:1], torch.empty(0, device=DEV), rows, keep=True)
     idx1 = fb.idx[:1]
-    assert pbt._rows_of(idx1, empty, 9) is pbt._rows_of(idx1, torch.empty(0, device=DEV), 9)
+    assert pbt._rows_of(idx1, torch.empty(0, device=DEV), rows, keep=True) is not one
+    assert (pbt._rows_of(idx1, torch.empty(0, device=DEV), 9, keep=True)
+            is pbt._rows_of(idx1, torch.empty(0, device=DEV), 9, keep=True))
 
 
 @needs_here

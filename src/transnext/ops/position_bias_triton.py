@@ -94,20 +94,22 @@ def expand_factored(table: Tensor, idx: Tensor, w: Tensor, q_hw, k_hw) -> Tensor
 _ROWS_OF: dict = {}
 
 
-def _rows_of(idx: Tensor, w: Tensor, rows: int):
+def _rows_of(idx: Tensor, w: Tensor, rows: int, keep: bool = False):
     """Which (qh, kh) pairs (and tap weights) each table row sums, as CSR: row u owns entries
-    ptr[u]:ptr[u + 1] of (pair, weight). Pure device ops, no host sync. Kept per (idx, w)
-    (a stage's cached plan tables: every block's backward asks again; ~8 launches each)."""
+    ptr[u]:ptr[u + 1] of (pair, weight). Pure device ops, no host sync. ``keep``: kept per
+    (idx, w), a stage's cached plan tables, which every block's backward asks for again (~8
+    launches each); eager only: a CUDA graph must not read buffers a cache may free."""
+    if not keep:
+        return _csr(idx, w, rows)
     wt = w if w.numel() else None  # empty weights are made afresh per call
     key = (idx.data_ptr(), 0 if wt is None else wt.data_ptr(), rows)
     hit = _ROWS_OF.get(key)
     if hit is not None and hit[0] is idx and hit[1] is wt:  # the references pin the addresses
         return hit[2]
     out = _csr(idx, w, rows)
-    if not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):  # not a graph's pool
-        if len(_ROWS_OF) >= 64:
-            _ROWS_OF.clear()
-        _ROWS_OF[key] = (idx, wt, out)
+    if len(_ROWS_OF) >= 64:
+        _ROWS_OF.clear()
+    _ROWS_OF[key] = (idx, wt, out)
     return out
 
 
@@ -121,15 +123,17 @@ def _csr(idx: Tensor, w: Tensor, rows: int):
     return ptr.to(torch.int32), pair, wts
 
 
-def reduce_factored_grad(dpb: Tensor, idx: Tensor, w: Tensor, rows: int, q_hw, k_hw) -> Tensor:
-    """The table's gradient (h, rows, Wq * Wk) fp32 from the dense bias's ``dpb`` (h, N, P)."""
+def reduce_factored_grad(dpb: Tensor, idx: Tensor, w: Tensor, rows: int, q_hw, k_hw,
+                         keep_rows: bool = False) -> Tensor:
+    """The table's gradient (h, rows, Wq * Wk) fp32 from the dense bias's ``dpb`` (h, N, P);
+    ``keep_rows``: keep the fold's row index for the next call (eager, see _rows_of)."""
     (Hq, Wq), (Hk, Wk) = q_hw, k_hw
     h = dpb.shape[0]
     N, P = Hq * Wq, Hk * Wk
     dt = torch.empty((h, rows, Wq * Wk), dtype=torch.float32, device=dpb.device)
     if dt.numel() == 0:
         return dt
-    ptr, pair, wts = _rows_of(idx, w, rows)
+    ptr, pair, wts = _rows_of(idx, w, rows, keep_rows)
     kernel(_reduce_kernel, not dpb.is_cuda)[(rows, triton.cdiv(Wq * Wk, BLOCK_C), h)](
         dpb, ptr, pair, wts if wts.numel() else ptr, dt, dt.stride(0), dt.stride(1),
         N, P, Wq, Hk, Wk, Wq * Wk, HAS_W=wts.numel() > 0, BLOCK=BLOCK_C)

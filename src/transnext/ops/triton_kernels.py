@@ -681,7 +681,9 @@ def _fwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
 
 def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
               rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w, out, out_res, lse,
-              dout, H, W, window, pool_h, pool_w, shared_zeros=False):
+              dout, H, W, window, pool_h, pool_w, eager=False):
+    # eager: called by the eager autograd Function (not the custom op torch.compile records,
+    # whose outputs may not alias and whose CUDA graphs must own every buffer they read)
     table = None
     if _expands(pb_idx):  # write the bias out again (not kept from the forward: memory)
         table, idx_f, w_f = pool_bias, pb_idx, pb_w
@@ -729,11 +731,11 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     dpb_f = (torch.zeros(pool_bias.shape, **zf) if fk["JT"] else
              torch.empty((h, N, P), **zf) if excl else torch.zeros((h, N, P), **zf))
     small = (query_embedding, temperature, rel_bias_local, learnable_tokens, learnable_bias)
-    if shared_zeros:  # views of one zeroed buffer: one launch, not five (eager host time)
+    if eager:  # views of one zeroed buffer: one launch, not five (host time)
         flat = torch.zeros(sum(t.numel() for t in small), **zf)
         dqe_f, dtemp_f, drbl_f, dlt_f, dlb_f = (
             c.view(t.shape) for c, t in zip(flat.split([t.numel() for t in small]), small))
-    else:  # a custom op's outputs may not alias each other
+    else:
         dqe_f, dtemp_f, drbl_f, dlt_f, dlb_f = (torch.zeros(t.shape, **zf) for t in small)
 
     kernel(_bwd_q_kernel, interp)[(n_tiles, h, G)](
@@ -792,7 +794,8 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
         return g if g.dtype == like.dtype else g.to(like.dtype)
 
     if table is not None:
-        dpb_f = reduce_factored_grad(dpb_f, idx_f, w_f, table.shape[1], (H, W), (pool_h, pool_w))
+        dpb_f = reduce_factored_grad(dpb_f, idx_f, w_f, table.shape[1], (H, W), (pool_h, pool_w),
+                                     keep_rows=eager)
         pool_bias = table
     dpb = cast(dpb_f, pool_bias)
     dqe, dtemp = cast(dqe_f, query_embedding), cast(dtemp_f, temperature)
@@ -897,7 +900,7 @@ class _AggregatedAttentionFn(torch.autograd.Function):
     def backward(ctx, dout):
         H, W, window, pool_h, pool_w = ctx.geom
         grads = _bwd_impl(*ctx.saved_tensors, dout, H, W, window, pool_h, pool_w,
-                          shared_zeros=True)
+                          eager=True)
         return (*grads, None, None, None, None, None, None, None, None)
 
 
