@@ -224,11 +224,16 @@ def test_train_eval_predict_convert_resume(mosaics, tmp_path, capsys):
 
 
 @needs_fmnist
-def test_compile_blocks_trains_the_same_weights(mosaics, tmp_path):
+def test_compile_blocks_trains_the_same_weights(mosaics, tmp_path, monkeypatch):
     """`seg train --compile blocks`: every TransNeXt block goes through Dynamo (traced here
     with the eager backend: Inductor's C++ compile would cost CI minutes) and training ends
     on the eager run's weights."""
     from torch._dynamo.utils import counters
+
+    import transnext.models.transnext as T
+    # eager training runs the attention's q/kv/sr as one product, graphs as three: rounding
+    # AdamW turns into different weights where a gradient is ~0; compare like with like
+    monkeypatch.setattr(T, "_joint_linears", lambda x, layers: None)
     base = ["--iters", "3", "--eval-interval", "1000"]
     assert main(_train_cmd(mosaics, tmp_path / "eager", *base)) == 0
     torch._dynamo.reset()
