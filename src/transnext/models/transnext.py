@@ -98,6 +98,13 @@ def _autocast_available(device_type: str) -> bool:
         not torch.compiler.is_compiling() and torch.amp.is_autocast_available(device_type))
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device_type`` now, or None where it is off."""
+    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def _autocast_off(device):
     """Autocast disabled on ``device`` (a no-op where autocast does not exist, e.g. 'meta')."""
     if _autocast_available(device.type):
@@ -111,12 +118,11 @@ def _cast_for_linears(x: Tensor, n: int) -> tuple[Tensor, ...]:
     block); this makes one, with the same numbers forward and backward."""
     if is_fx_tracing():  # a graph must not bake in the autocast state of trace time
         return (x,) * n
-    dev = x.device.type
-    if (x.dtype == torch.float32 and n > 1 and _autocast_available(dev)
-            and torch.is_autocast_enabled(dev)):
+    dtype = _autocast_dtype(x.device.type)
+    if x.dtype == torch.float32 and n > 1 and dtype is not None:
         if torch.is_grad_enabled() and x.requires_grad:
-            return _CastShared.apply(x, torch.get_autocast_dtype(dev), n)
-        return (x.to(torch.get_autocast_dtype(dev)),) * n
+            return _CastShared.apply(x, dtype, n)
+        return (x.to(dtype),) * n
     return (x,) * n
 
 
@@ -130,9 +136,7 @@ class _JointLinears(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, sizes: tuple[int, ...], *params: Tensor):
-        dev = x.device.type
-        dtype = (torch.get_autocast_dtype(dev) if _autocast_available(dev)
-                 and torch.is_autocast_enabled(dev) else x.dtype)
+        dtype = _autocast_dtype(x.device.type) or x.dtype
         ws, bs = params[0::2], params[1::2]
         w = torch.cat([t.reshape(n, -1) for t, n in zip(ws, sizes)]).to(dtype)
         b = torch.cat(bs).to(dtype)
@@ -245,9 +249,7 @@ class _GatedRecompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, value, weight, bias, geom: tuple):
         # geom: (H, W, GELU's approximate, the conv's stride, padding, dilation, groups)
-        dev = gate.device.type
-        ctx.amp = _autocast_available(dev) and torch.is_autocast_enabled(dev)
-        ctx.amp_dtype = torch.get_autocast_dtype(dev) if ctx.amp else None
+        ctx.amp_dtype = _autocast_dtype(gate.device.type)
         ctx.geom = geom
         ctx.save_for_backward(gate, value, weight, bias)
         c, _, _ = _GatedRecompute._conv(gate, weight, bias, geom)
@@ -269,7 +271,7 @@ class _GatedRecompute(torch.autograd.Function):
         H, W, approximate, stride, padding, dilation, groups = ctx.geom
         need_gate, need_value, need_w, need_b = ctx.needs_input_grad[:4]
         with torch.no_grad():
-            if ctx.amp:  # the forward's operands were cast by autocast: cast alike
+            if ctx.amp_dtype is not None:  # the forward's operands were cast by autocast
                 gate = gate.to(ctx.amp_dtype)
             c, m, w = _GatedRecompute._conv(gate, weight, bias, ctx.geom)
             c = _map_to_tokens(c)
