@@ -12,6 +12,11 @@ and ``linear`` (fixed_pool_size 7). Swin gets its input padded to a multiple of 
         --compile compiled --compile-mode reduce-overhead
     python benchmarks/bench_dense.py --shapes 800x1333:2 --profile prof.txt   # op table
     python benchmarks/bench_dense.py --shapes 800x1333:2 --variants interp --floor
+    python benchmarks/bench_dense.py --shapes 512x512:16 --compile eager graphs
+
+``--compile graphs`` records each model's eager step in CUDA graphs
+(``engine.cuda_graphs.GraphedForward``, what ``--cuda-graphs`` does in the jobs): the
+eager kernels without the host's time per launch, and without torch.compile.
 
 ``--costs`` adds per row where an eager step's time goes: the host's time to enqueue one
 step (median), the GPU's kernel time of one step (profiler sum) and the kernels launched;
@@ -43,6 +48,7 @@ import timm  # noqa: E402
 
 import transnext  # noqa: E402,F401  (registers the models)
 from bench_model import _timed  # noqa: E402
+from transnext.engine.cuda_graphs import GraphedForward  # noqa: E402
 from transnext.engine.models import compile_model  # noqa: E402
 
 VARIANTS = ("interp", "extrap", "linear")
@@ -121,8 +127,9 @@ def _bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device,
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     # the jobs' compile (static shapes); 'blocks' (regional) applies to TransNeXt only
     how = compile_how if name.startswith("transnext") else "model"
-    fwd = compile_model(model, how, compile_mode) if compiled else model
-    graphs = compiled and compile_mode == "reduce-overhead"
+    fwd = (GraphedForward(model) if compiled == "graphs" else
+           compile_model(model, how, compile_mode) if compiled else model)
+    graphs = compiled is True and compile_mode == "reduce-overhead"
     if mode == "train":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
@@ -150,7 +157,7 @@ def _bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device,
     if device == "cuda":
         torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
-    if device == "cuda":
+    if device == "cuda" and compiled != "graphs":  # a graph's memory is taken when recorded
         torch.cuda.reset_peak_memory_stats()
     sec = _timed(step, device, iters, repeats)
     extra = _step_costs(step, device, iters) if costs else {}
@@ -159,16 +166,25 @@ def _bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device,
         peak = torch.cuda.max_memory_allocated() / 2**30
         reserved = torch.cuda.max_memory_reserved() / 2**30
     del model, fwd
-    if compiled:
+    if compiled is True:
         torch._dynamo.reset()
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return dict(model=label, base=name, variant=variant, H=H, W=W, batch=batch, mode=mode,
-                compiled=compiled, compile_mode=compile_mode if compiled else None,
-                compile_how=how if compiled else None, warmup_s=warmup_s,
+                **_how(compiled, compile_mode, how), warmup_s=warmup_s,
                 ms_per_step=sec * 1000, img_per_s=batch / sec, peak_gib=peak,
                 reserved_gib=reserved, **extra)
+
+
+def _how(compiled, compile_mode, compile_how) -> dict:
+    """A row's execution mode: eager, compiled (torch.compile) or graphs (CUDA graphs of
+    the eager step, no compile)."""
+    if compiled == "graphs":
+        return dict(how="graphs", compiled=False, compile_mode=None, compile_how=None)
+    return dict(how="compiled" if compiled else "eager", compiled=bool(compiled),
+                compile_mode=compile_mode if compiled else None,
+                compile_how=compile_how if compiled else None)
 
 
 def _step_costs(step, device: str, iters: int) -> dict:
@@ -246,7 +262,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--img-size", type=int, default=None,
                    help="interpolate mode's img_size (default: each shape's short side)")
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
-    p.add_argument("--compile", choices=["eager", "compiled", "both"], default="eager")
+    p.add_argument("--compile", nargs="+", choices=["eager", "compiled", "graphs", "both"],
+                   default=["eager"], help="execution modes to time (both: eager compiled; "
+                   "graphs: the eager step recorded in CUDA graphs, no torch.compile)")
     p.add_argument("--compile-mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--compile-how", choices=["model", "blocks"], default="model",
                    help="compile TransNeXt whole or block by block (regional; the baselines "
@@ -276,7 +294,8 @@ def main(argv=None) -> list[dict]:
         print(profile_step(args.models[0], args.variants[0], H, W, batch, dev, args.img_size,
                            args.profile, args.profile_rows))
         return []
-    compiled = {"eager": [False], "compiled": [True], "both": [False, True]}[args.compile]
+    modes = {"eager": [False], "compiled": [True], "graphs": ["graphs"], "both": [False, True]}
+    compiled = [c for m in args.compile for c in modes[m]]
     warmup = args.warmup or (3 if dev == "cuda" else 1)
     iters = args.iters or (10 if dev == "cuda" else 1)
     env = dict(device=torch.cuda.get_device_name() if dev == "cuda" else platform.processor()
@@ -301,8 +320,7 @@ def main(argv=None) -> list[dict]:
                         skip = ", attention op skipped" if floor else ""
                         r = dict(model=name if variant is None else f"{name}[{variant}{skip}]",
                                  base=name, variant=variant, H=H, W=W, batch=batch, mode=mode,
-                                 compiled=comp, compile_mode=args.compile_mode if comp else None,
-                                 compile_how=args.compile_how if comp else None, error=msg)
+                                 **_how(comp, args.compile_mode, args.compile_how), error=msg)
                         gc.collect()
                         if dev == "cuda":
                             torch.cuda.empty_cache()
@@ -324,7 +342,7 @@ def _write(out: str, env: dict, rows: list[dict]) -> None:
 
 
 def _row_text(r: dict, rows: list[dict], markdown: bool = False, costs: bool = False) -> str:
-    comp = ("eager" if not r["compiled"] else
+    comp = ("graphs" if r.get("how") == "graphs" else "eager" if not r["compiled"] else
             f"{r.get('compile_how') or 'model'} ({r.get('compile_mode') or 'default'})")
     cells = [r["model"], f"{r['H']}x{r['W']}", str(r["batch"]), r["mode"], comp]
     if "error" in r:
@@ -333,7 +351,7 @@ def _row_text(r: dict, rows: list[dict], markdown: bool = False, costs: bool = F
         mem_key = "reserved_gib" if r.get("compile_mode") == "reduce-overhead" else "peak_gib"
         mem = r.get(mem_key)
         base = [b for b in rows if b["model"] == "convnext_tiny" and "error" not in b
-                and all(b[k] == r[k] for k in ("H", "W", "batch", "mode", "compiled"))]
+                and all(b.get(k) == r.get(k) for k in ("H", "W", "batch", "mode", "how"))]
         ratio = ""
         if base and r["model"] != "convnext_tiny":
             ratio = f"{base[0]['ms_per_step'] / r['ms_per_step']:.2f}x"

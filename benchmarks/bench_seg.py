@@ -7,6 +7,8 @@ transformers UperNet head (512 channels, auxiliary head, 150 classes), one run.
 Training: batch 8 at 512x512, bf16 autocast, forward + backward + AdamW step.
 Inference: sliding window 512 / stride 341 on 512x683 images (2 windows each),
 batch 1 as mmseg, bf16. Median of --repeats windows of --iters steps (CUDA events).
+``--cuda-graphs``: each backbone's training forward and backward replayed from CUDA graphs
+(what ``transnext seg train --cuda-graphs`` does for TransNeXt), the heads eager.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from transformers import TimmBackboneConfig, UperNetConfig  # noqa: E402
+from transformers.modeling_outputs import BackboneOutput  # noqa: E402
+
+from transnext.engine.cuda_graphs import GraphedForward  # noqa: E402
 
 from transnext.tasks.segmentation.inference import slide  # noqa: E402
 from transnext.tasks.segmentation.model import TransNeXtUperNet, build_upernet  # noqa: E402
@@ -36,6 +41,27 @@ def make(name: str):
     return TransNeXtUperNet(cfg)
 
 
+class _Maps(torch.nn.Module):
+    """A transformers backbone's feature maps as a tuple (what a graph records)."""
+
+    def __init__(self, backbone, forward):
+        super().__init__()
+        self.backbone, self.call = backbone, forward
+
+    def forward(self, x):
+        return tuple(self.call(x).feature_maps)
+
+
+def graph_backbone(model) -> None:
+    """--cuda-graphs: TransNeXt's own switch; other backbones the same wrapper."""
+    bb = model.backbone
+    if hasattr(bb, "use_cuda_graphs"):
+        bb.use_cuda_graphs()
+        return
+    graphed = GraphedForward(_Maps(bb, bb.forward), infer=False)
+    bb.forward = lambda pixel_values, *a, **k: BackboneOutput(feature_maps=graphed(pixel_values))
+
+
 def bench(name, args, device):
     torch.manual_seed(0)
     model = make(name).to(device).to(memory_format=torch.channels_last)
@@ -45,6 +71,8 @@ def bench(name, args, device):
     y = torch.randint(0, 150, (args.batch, 512, 512), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=6e-5, fused=device == "cuda")
     net = torch.compile(model) if args.compile else model
+    if args.cuda_graphs:
+        graph_backbone(model)
     model.train()
 
     def train_step():
@@ -89,6 +117,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--cuda-graphs", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -100,8 +129,9 @@ def main():
         r["slide_ratio"] = r["slide_img_s"] / base["slide_img_s"]
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "compile": args.compile, "batch": args.batch}
-    print(f"UperNet, {meta['device']}, torch {meta['torch']}, batch {args.batch} at 512x512, bf16")
+            "compile": args.compile, "cuda_graphs": args.cuda_graphs, "batch": args.batch}
+    print(f"UperNet, {meta['device']}, torch {meta['torch']}, batch {args.batch} at 512x512, bf16"
+          + (", backbones in CUDA graphs" if args.cuda_graphs else ""))
     print(table(rows, [("model", "backbone", "s"), ("train_ms_step", "train ms/step", ".1f"),
                        ("train_img_s", "train img/s", ".1f"), ("train_ratio", "train ratio", ".2f"),
                        ("train_peak_GiB", "train peak GiB", ".2f"),

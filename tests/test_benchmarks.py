@@ -92,6 +92,24 @@ def test_bench_dense_rows_modes_and_ratio(tmp_path):
     assert f"{base / rows['transnext_micro[extrap]']['ms_per_step']:.2f}x" in line
 
 
+def test_bench_dense_graphs_rows_compare_with_graphs_rows(tmp_path):
+    """--compile eager graphs: each model once per mode, each ratio against convnext_tiny
+    in the same mode (on the CPU the graphed wrapper runs eagerly: the table's logic)."""
+    out = tmp_path / "dense.json"
+    stdout = _run(["benchmarks/bench_dense.py", "--device", "cpu", "--models", "transnext_micro",
+                   "--variants", "extrap", "--baselines", "convnext_tiny", "--shapes", "32x32:1",
+                   "--modes", "train", "--compile", "eager", "graphs", "--warmup", "1",
+                   "--iters", "1", "--repeats", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["how"]) for r in rows] == [
+        ("transnext_micro[extrap]", "eager"), ("convnext_tiny", "eager"),
+        ("transnext_micro[extrap]", "graphs"), ("convnext_tiny", "graphs")]
+    assert all("error" not in r for r in rows)
+    line = next(x for x in stdout.splitlines()
+                if x.startswith("| transnext_micro[extrap]") and "| graphs |" in x)
+    assert f"{rows[3]['ms_per_step'] / rows[2]['ms_per_step']:.2f}x" in line
+
+
 def test_bench_dense_floor_skips_only_the_attention_op(tmp_path):
     """--floor: a row whose aggregated-attention op is replaced, every other layer (the
     pooled branch and the bias MLP included) still trained; the real op comes back after."""

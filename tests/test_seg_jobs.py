@@ -250,6 +250,28 @@ def test_compile_blocks_trains_the_same_weights(mosaics, tmp_path, monkeypatch):
 
 
 @needs_fmnist
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_train_like_eager(mosaics, tmp_path, caplog):
+    """`seg train --cuda-graphs`: the backbone's step replays CUDA graphs from the second
+    iteration on (the first records them) and the losses follow the eager run's."""
+    import logging
+
+    def run(out, *extra):
+        cmd = [a for a in _train_cmd(mosaics, out, "--iters", "4", "--eval-interval", "1000",
+                                     "--device", "cuda", "--amp", "bf16", "--drop-path", "0",
+                                     *extra)
+               if a != "--deterministic"]  # cuBLAS's deterministic mode needs an env setting
+        assert main(cmd) == 0
+        return [r["train_loss"] for r in json.loads((out / "metrics.json").read_text())]
+
+    ref = run(tmp_path / "eager")
+    with caplog.at_level(logging.INFO, logger="transnext"):
+        got = run(tmp_path / "graphs", "--cuda-graphs")
+    assert "CUDA graphs: 4 call(s) replayed, 0 run eagerly" in caplog.text
+    assert got == pytest.approx(ref, rel=1e-2)
+
+
+@needs_fmnist
 @pytest.mark.slow
 def test_two_process_gloo_train_and_eval(mosaics, tmp_path):
     out = tmp_path / "ddp"

@@ -192,7 +192,8 @@ def arch_name(text: str) -> str:
 
 
 def add_compile_flags(a) -> None:
-    """--compile [model|blocks] and --compile-mode (``a``: a parser's add_argument)."""
+    """--compile [model|blocks], --compile-mode and --cuda-graphs (``a``: a parser's
+    add_argument)."""
     a("--compile", nargs="?", const="model", default=None, choices=["model", "blocks"],
       help="torch.compile with static shapes: the whole model (default), or each TransNeXt "
            "block alone ('blocks': alike blocks share one compile, so the first compile is "
@@ -200,5 +201,9 @@ def add_compile_flags(a) -> None:
            "detection sizes on the GPU)")
     a("--compile-mode", default=None,
       choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-      help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs, the "
-           "fastest measured training mode on the GPU (README, Performance)")
+      help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs "
+           "(README, Performance)")
+    a("--cuda-graphs", action="store_true",
+      help="record the eager training step's forward and backward in CUDA graphs at the first "
+           "batch and replay them (no torch.compile; one GPU; other batch shapes run eagerly): "
+           "the fastest measured training mode on the GPU (README, Performance)")

@@ -17,6 +17,7 @@ import torch.nn as nn
 from ..models import CheckpointError, TransNeXt, checkpoint_filter_fn
 from . import checkpointing as ckpt
 from . import recipes
+from .cuda_graphs import GraphedForward, check_cuda_graphs, summary as graph_summary
 from .distributed import (all_gather_object, all_reduce_sum, barrier, cleanup,
                           init_distributed)
 from .errors import UserError
@@ -92,6 +93,9 @@ def _train(args, dist) -> dict:
         set_deterministic()
     if not args.model:
         raise UserError("--model is required (or a --recipe that names one)")
+    if getattr(args, "cuda_graphs", False):
+        check_cuda_graphs(device, dist.distributed, args.accum_steps,
+                          bool(args.compile or getattr(args, "compile_mode", None)))
     if not args.output:
         raise UserError("--output is required")
     out = Path(args.output)
@@ -182,7 +186,10 @@ def _train(args, dist) -> dict:
 
     net = model
     compile_mode = getattr(args, "compile_mode", None)
-    if args.compile or compile_mode:
+    if getattr(args, "cuda_graphs", False):
+        # the eager step is host-bound (docs/dense_speed.md); graphs replay it without the host
+        net = GraphedForward(model, infer=False)
+    elif args.compile or compile_mode:
         # reduce-overhead: CUDA graphs; the eager and default-mode steps are host-bound.
         net = compile_model(model, args.compile or "model", compile_mode)
     if dist.distributed:
@@ -275,6 +282,8 @@ def _train(args, dist) -> dict:
         raise
     finally:
         mlog.close()
+    if isinstance(net, GraphedForward) and main:
+        log.info(graph_summary(net))
     summary["best_top1"] = best
     summary["checkpoint"] = str(out / "last.pth")
     return summary

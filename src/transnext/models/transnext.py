@@ -24,6 +24,7 @@ from timm.models._features import feature_take_indices
 
 from ..ops import aggregated_attention, full_attention
 from ..ops.aggregated_attention import resolve_backend
+from ..tables import capturing
 from .archs import ARCHS, PRETRAIN_SIZE
 from . import symbolic_tables
 from .checkpoint import checkpoint_filter_fn, read_pretrained_file
@@ -367,7 +368,9 @@ class _PositionBias(nn.Module):
         """The (h, Nq, Nk) bias, or with ``factored`` an ``ops.position_bias.FactoredBias``."""
         params = (self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias)
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if needs_grad or torch.compiler.is_compiling():
+        # Not cached under torch.compile, nor into a CUDA graph: the graph would replay a
+        # read of this call's bias after the weights change.
+        if needs_grad or torch.compiler.is_compiling() or capturing():
             return self._compute_bias(geo, device, factored)
         key = (geo, str(device), factored, tuple((p.data_ptr(), p._version) for p in params))
         bias = self._bias_cache.get(key)

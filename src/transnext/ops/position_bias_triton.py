@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..tables import capturing
 from .triton_launch import kernel
 
 BLOCK_C = 512  # table columns (qw * Wk + kw) per program of the gradient fold
@@ -99,7 +100,7 @@ def _rows_of(idx: Tensor, w: Tensor, rows: int, keep: bool = False):
     ptr[u]:ptr[u + 1] of (pair, weight). Pure device ops, no host sync. ``keep``: kept per
     (idx, w), a stage's cached plan tables, which every block's backward asks for again (~8
     launches each); eager only: a CUDA graph must not read buffers a cache may free."""
-    if not keep:
+    if not keep or capturing():
         return _csr(idx, w, rows)
     wt = w if w.numel() else None  # empty weights are made afresh per call
     key = (idx.data_ptr(), 0 if wt is None else wt.data_ptr(), rows)

@@ -9,6 +9,7 @@ hub look-up ever happens here.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ...models import ARCHS, PRETRAIN_SIZE
 
@@ -116,16 +117,36 @@ class TransNeXtBackbone(BackboneMixin, PreTrainedModel):
         self.model.set_fixed_pool_size(size)
         self.config.fixed_pool_size = size
 
+    def use_cuda_graphs(self, on: bool = True) -> None:
+        """Replay the network's training forward and backward from CUDA graphs
+        (``engine.cuda_graphs.GraphedForward``; the jobs' ``--cuda-graphs``)."""
+        from ...engine.cuda_graphs import GraphedForward
+        # in a list, not a registered submodule: no second name for every weight
+        self._graphed = [GraphedForward(_StageMaps(self.model), infer=False)] if on else []
+
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
                 output_attentions: bool | None = None, return_dict: bool | None = None,
                 **kwargs):
-        maps = self.model.forward_intermediates(pixel_values, indices=[0, 1, 2, 3],
-                                                intermediates_only=True)
+        graphed = getattr(self, "_graphed", None)
+        maps = (graphed[0](pixel_values) if graphed else
+                self.model.forward_intermediates(pixel_values, indices=[0, 1, 2, 3],
+                                                 intermediates_only=True))
         feats = tuple(maps[i] for i in self.out_indices)
         hidden = tuple(maps) if output_hidden_states else None
         if return_dict is False:
             return (feats,) + ((hidden,) if hidden is not None else ())
         return BackboneOutput(feature_maps=feats, hidden_states=hidden)
+
+
+class _StageMaps(nn.Module):
+    """The four stage maps of a TransNeXt, as a module's forward (what a graph records)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.forward_intermediates(x, indices=[0, 1, 2, 3], intermediates_only=True)
 
 
 def register() -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ...engine import checkpointing as ckpt
+from ...engine.cuda_graphs import check_cuda_graphs, summary as graph_summary
 from ...engine.distributed import all_reduce_sum, cleanup, init_distributed
 from ...engine.errors import UserError
 from ...engine.evaluate import autocast
@@ -183,6 +184,9 @@ def _check_args(args) -> None:
 def _train(args, dist) -> dict:
     _check_args(args)
     device, main = dist.device, dist.is_main
+    if getattr(args, "cuda_graphs", False):
+        check_cuda_graphs(device, dist.distributed, compiled=bool(args.compile or
+                                                                  args.compile_mode))
     if args.deterministic:
         set_deterministic()
     out = Path(args.output)
@@ -239,7 +243,9 @@ def _train(args, dist) -> dict:
             log.info("resumed from %s at iteration %d", args.resume, start_it)
         del resume_obj
     net, graphs = model, args.compile_mode == "reduce-overhead"
-    if args.compile or args.compile_mode:
+    if getattr(args, "cuda_graphs", False):  # the backbone: the heads' losses sync the host
+        backbone_of(model).use_cuda_graphs()
+    elif args.compile or args.compile_mode:
         net = compile_model(model, args.compile or "model", args.compile_mode,
                             getattr(args, "compile_backend", "inductor"))
     if dist.distributed:
@@ -338,6 +344,9 @@ def _train(args, dist) -> dict:
                 mlog.log(row)
             if args.stop_after_iters and it - start_it >= args.stop_after_iters:
                 break
+    graphed = getattr(backbone_of(model), "_graphed", None)
+    if graphed and main:
+        log.info(graph_summary(graphed[0]))
     summary.update({"best_mIoU": best, "checkpoint": str(out / "last.pth"), "iter": it,
                     "train_time": time.time() - t0})
     return summary

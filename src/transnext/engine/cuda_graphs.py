@@ -1,0 +1,149 @@
+"""CUDA graphs for the eager model: one input's forward (and backward) recorded once and
+replayed with no host work per kernel.
+
+The eager TransNeXt training step is bound by the host: ~4,000 kernel launches a step at
+every size measured, more host time than GPU time (docs/dense_speed.md, round 6).
+``torch.compile(mode="reduce-overhead")`` replays graphs too but compiles for minutes at
+detection sizes; this records the eager kernels (the package's Triton ones included) in a
+few warm-up steps. Training graphs come from ``torch.cuda.make_graphed_callables``: the
+loss, the optimizer step, clipping and EMA stay eager and unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from .errors import UserError
+
+
+def _autocast_state() -> tuple:
+    return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+
+
+def _key(x: Tensor, training: bool) -> tuple:
+    return (tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad, training,
+            torch.is_inference_mode_enabled(), _autocast_state())
+
+
+class _Call(nn.Module):
+    """``module(x)`` as a module of its own: make_graphed_callables replaces this one's
+    forward, so ``module`` itself stays eager for the inputs the graph was not made for."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.inner = module
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def _uncached_autocast():
+    """The current autocast, with its weight-cast cache off: a cast cached before the
+    recording would be replayed stale after the optimizer changes the weights."""
+    enabled, dtype = _autocast_state()
+    return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
+
+
+class GraphedForward(nn.Module):
+    """``module(x)`` replayed from CUDA graphs: one graph for training (forward and
+    backward) and, with ``infer``, one for inference (no autograd), each for the first input
+    it meets (shape, strides, dtype, ``module.training``, autocast state). Other inputs (a
+    last, smaller batch), CPU tensors and torch.compile traces run ``module`` eagerly,
+    which stays correct alongside.
+
+    A training replay returns the graph's own buffers, overwritten by the next replay (a
+    training loop is done with them by then); inference outputs are copies. Gradients
+    must be cleared (``zero_grad``) between steps: with make_graphed_callables a
+    parameter's ``.grad`` may be the graph's buffer, so accumulating over several
+    replays would be wrong (the jobs refuse ``--accum-steps`` with graphs).
+    """
+
+    def __init__(self, module: nn.Module, warmup: int = 3, infer: bool = True):
+        super().__init__()
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (kernels compile and caches fill before "
+                             f"the recording), got {warmup}")
+        self.module = module
+        self.warmup = warmup
+        self.infer = infer
+        self._train = None  # (key, graphed module)
+        self._infer = None  # (key, graph, static input, static outputs)
+        self.replays = 0  # calls answered by a graph
+        self.eager_calls = 0  # calls that did not match one (another batch shape)
+
+    @property
+    def graphs(self) -> int:
+        return (self._train is not None) + (self._infer is not None)
+
+    def forward(self, x):
+        if not (isinstance(x, Tensor) and x.is_cuda) or torch.compiler.is_compiling():
+            return self.module(x)
+        # the module's own flag: a wrapper kept outside the module tree is not switched
+        key = _key(x, self.module.training)
+        if torch.is_grad_enabled():
+            if self._train is None:
+                self._train = (key, self._record_training(x))
+            if self._train[0] == key:
+                self.replays += 1
+                return self._train[1](x)
+        elif not self.infer:
+            return self.module(x)  # inference not asked for: not counted as a miss
+        else:
+            if self._infer is None:
+                self._infer = (key, *self._record_inference(x))
+            if self._infer[0] == key:
+                _, graph, static_x, static_out = self._infer
+                static_x.copy_(x)
+                graph.replay()
+                self.replays += 1
+                return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t,
+                                       static_out)
+        self.eager_calls += 1
+        return self.module(x)
+
+    def _record_training(self, x: Tensor) -> nn.Module:
+        sample = x.detach().clone().requires_grad_(x.requires_grad)
+        with _uncached_autocast():
+            return torch.cuda.make_graphed_callables(
+                _Call(self.module), (sample,), num_warmup_iters=self.warmup,
+                allow_unused_input=True)  # e.g. a classifier head that features_only skips
+
+    def _record_inference(self, x: Tensor):
+        static_x = x.detach().clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with _uncached_autocast():
+            with torch.cuda.stream(side):  # kernels compile, caches fill, cuDNN picks
+                for _ in range(self.warmup):
+                    self.module(static_x)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.module(static_x)
+        return graph, static_x, static_out
+
+
+def summary(graphed: GraphedForward) -> str:
+    """One line for the jobs' log."""
+    return (f"CUDA graphs: {graphed.replays} call(s) replayed, {graphed.eager_calls} run "
+            f"eagerly (other input shapes)")
+
+
+def check_cuda_graphs(device: torch.device, distributed: bool, accum_steps: int = 1,
+                      compiled: bool = False) -> None:
+    """--cuda-graphs' preconditions, as one clear error each."""
+    if device.type != "cuda":
+        raise UserError(f"--cuda-graphs needs a CUDA device (this run uses {device.type})")
+    if distributed:
+        raise UserError("--cuda-graphs runs in one process for now; under torchrun use "
+                        "--compile blocks --compile-mode reduce-overhead")
+    if accum_steps > 1:
+        raise UserError(f"--cuda-graphs with --accum-steps {accum_steps}: a graph's gradient "
+                        f"buffers cannot accumulate over steps; use a larger --batch-size")
+    if compiled:
+        raise UserError("--cuda-graphs and --compile/--compile-mode both make graphs; "
+                        "choose one (--compile-mode reduce-overhead is the compiled one)")
+
+
+__all__ = ["GraphedForward", "check_cuda_graphs", "summary"]
