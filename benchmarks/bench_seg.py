@@ -64,6 +64,9 @@ def graph_backbone(model) -> None:
 
 def bench(name, args, device):
     torch.manual_seed(0)
+    if device == "cuda":  # not the previous model's
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     model = make(name).to(device).to(memory_format=torch.channels_last)
     res = {"model": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
     dt = torch.bfloat16
@@ -86,7 +89,8 @@ def bench(name, args, device):
         train_step()
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if not args.cuda_graphs:  # a graph's memory is taken when it is recorded
+            torch.cuda.reset_peak_memory_stats()
     s = timed(train_step, args.iters, args.repeats, device)
     res["train_img_s"] = args.batch / s
     res["train_ms_step"] = s * 1000
