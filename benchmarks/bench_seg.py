@@ -7,8 +7,9 @@ transformers UperNet head (512 channels, auxiliary head, 150 classes), one run.
 Training: batch 8 at 512x512, bf16 autocast, forward + backward + AdamW step.
 Inference: sliding window 512 / stride 341 on 512x683 images (2 windows each),
 batch 1 as mmseg, bf16. Median of --repeats windows of --iters steps (CUDA events).
-``--cuda-graphs``: each backbone's training forward and backward replayed from CUDA graphs
-(what ``transnext seg train --cuda-graphs`` does for TransNeXt), the heads eager.
+``--cuda-graphs``: each backbone's training forward and backward, and its inference
+forward, replayed from CUDA graphs (what ``transnext seg train --cuda-graphs`` and ``seg
+eval --cuda-graphs`` do for TransNeXt), the heads eager.
 """
 from __future__ import annotations
 
@@ -56,9 +57,9 @@ def graph_backbone(model) -> None:
     """--cuda-graphs: TransNeXt's own switch; other backbones the same wrapper."""
     bb = model.backbone
     if hasattr(bb, "use_cuda_graphs"):
-        bb.use_cuda_graphs()
+        bb.use_cuda_graphs(train=True, infer=True)
         return
-    graphed = GraphedForward(_Maps(bb, bb.forward), infer=False)
+    graphed = GraphedForward(_Maps(bb, bb.forward))
     bb.forward = lambda pixel_values, *a, **k: BackboneOutput(feature_maps=graphed(pixel_values))
 
 

@@ -72,6 +72,16 @@ def test_jobs_refuse_cuda_graphs_on_the_cpu_before_reading_data(command, tmp_pat
     assert "--cuda-graphs needs a CUDA device (this run uses cpu)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_seg_inference_refuses_cuda_graphs_on_the_cpu_before_loading(command, tmp_path, capsys):
+    extra = ["--data-dir", str(tmp_path)] if command == "eval" else [str(tmp_path / "a.png"),
+                                                                      "--output", str(tmp_path)]
+    rc = main(["seg", command, "--checkpoint", str(tmp_path / "missing.pth"), *extra,
+               "--device", "cpu", "--cuda-graphs"])
+    assert rc == 2
+    assert "--cuda-graphs needs a CUDA device (this run uses cpu)" in capsys.readouterr().err
+
+
 def test_a_table_read_by_a_recording_survives_the_cache_clear(monkeypatch):
     def table(n):
         return torch.arange(n)
@@ -229,3 +239,20 @@ def test_train_job_with_cuda_graphs(tiny_folder, tmp_path, caplog):
     # 24 images, batches of 8: 6 replays over 2 epochs, none eager
     assert "CUDA graphs: 6 call(s) replayed, 0 run eagerly" in caplog.text
     assert got == pytest.approx(ref, rel=1e-2)
+
+
+@cuda
+def test_seg_sliding_window_with_backbone_graphs_matches_eager():
+    from transnext.tasks.segmentation.inference import slide
+    from transnext.tasks.segmentation.model import build_upernet
+    torch.manual_seed(0)
+    m = build_upernet("transnext_femto", 5, channels=16, aux_channels=8, img_size=64).cuda().eval()
+    x = torch.randn(1, 3, 64, 100, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = slide(m, x, 64, 40)
+        m.backbone.use_cuda_graphs(train=False, infer=True)
+        got = [slide(m, x, 64, 40) for _ in range(2)]  # records, then replays
+    g = m.backbone._graphed[0]
+    assert g.graphs == 1 and g.replays == 2 and g.eager_calls == 0
+    for out in got:
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)

@@ -46,11 +46,11 @@ def _uncached_autocast():
 
 
 class GraphedForward(nn.Module):
-    """``module(x)`` replayed from CUDA graphs: one graph for training (forward and
-    backward) and, with ``infer``, one for inference (no autograd), each for the first input
-    it meets (shape, strides, dtype, ``module.training``, autocast state). Other inputs (a
-    last, smaller batch), CPU tensors and torch.compile traces run ``module`` eagerly,
-    which stays correct alongside.
+    """``module(x)`` replayed from CUDA graphs: with ``train`` one graph for training
+    (forward and backward), with ``infer`` one for inference (no autograd), each for the
+    first input it meets (shape, strides, dtype, ``module.training``, autocast state).
+    Other inputs (a last, smaller batch), modes not asked for, CPU tensors and
+    torch.compile traces run ``module`` eagerly, which stays correct alongside.
 
     A training replay returns the graph's own buffers, overwritten by the next replay (a
     training loop is done with them by then); inference outputs are copies. Gradients
@@ -59,14 +59,15 @@ class GraphedForward(nn.Module):
     replays would be wrong (the jobs refuse ``--accum-steps`` with graphs).
     """
 
-    def __init__(self, module: nn.Module, warmup: int = 3, infer: bool = True):
+    def __init__(self, module: nn.Module, warmup: int = 3, train: bool = True,
+                 infer: bool = True):
         super().__init__()
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (kernels compile and caches fill before "
                              f"the recording), got {warmup}")
         self.module = module
         self.warmup = warmup
-        self.infer = infer
+        self._modes = (train, infer)  # not self.train: that is nn.Module's method
         self._train = None  # (key, graphed module)
         self._infer = None  # (key, graph, static input, static outputs)
         self.replays = 0  # calls answered by a graph
@@ -81,14 +82,15 @@ class GraphedForward(nn.Module):
             return self.module(x)
         # the module's own flag: a wrapper kept outside the module tree is not switched
         key = _key(x, self.module.training)
-        if torch.is_grad_enabled():
+        grad = torch.is_grad_enabled()
+        if not self._modes[0 if grad else 1]:
+            return self.module(x)  # a mode not asked for: not counted as a miss
+        if grad:
             if self._train is None:
                 self._train = (key, self._record_training(x))
             if self._train[0] == key:
                 self.replays += 1
                 return self._train[1](x)
-        elif not self.infer:
-            return self.module(x)  # inference not asked for: not counted as a miss
         else:
             if self._infer is None:
                 self._infer = (key, *self._record_inference(x))
@@ -130,7 +132,7 @@ def summary(graphed: GraphedForward) -> str:
             f"eagerly (other input shapes)")
 
 
-def check_cuda_graphs(device: torch.device, distributed: bool, accum_steps: int = 1,
+def check_cuda_graphs(device: torch.device, distributed: bool = False, accum_steps: int = 1,
                       compiled: bool = False) -> None:
     """--cuda-graphs' preconditions, as one clear error each."""
     if device.type != "cuda":

@@ -25,8 +25,6 @@ PUBLISHED = ("transnext_micro", "transnext_tiny", "transnext_small", "transnext_
 DEFAULT = PUBLISHED + ("transnext_femto",)
 
 
-
-
 def _local_window_macs(model, H0: int, W0: int) -> int:
     macs = 0
     for i in range(model.num_stages):

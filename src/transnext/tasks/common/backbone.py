@@ -117,12 +117,15 @@ class TransNeXtBackbone(BackboneMixin, PreTrainedModel):
         self.model.set_fixed_pool_size(size)
         self.config.fixed_pool_size = size
 
-    def use_cuda_graphs(self, on: bool = True) -> None:
-        """Replay the network's training forward and backward from CUDA graphs
-        (``engine.cuda_graphs.GraphedForward``; the jobs' ``--cuda-graphs``)."""
+    def use_cuda_graphs(self, on: bool = True, *, train: bool = True,
+                        infer: bool = False) -> None:
+        """Replay the network's training forward and backward (``train``) and/or its
+        inference forward (``infer``) from CUDA graphs (``engine.cuda_graphs.GraphedForward``;
+        the jobs' ``--cuda-graphs``)."""
         from ...engine.cuda_graphs import GraphedForward
         # in a list, not a registered submodule: no second name for every weight
-        self._graphed = [GraphedForward(_StageMaps(self.model), infer=False)] if on else []
+        self._graphed = ([GraphedForward(_StageMaps(self.model), train=train, infer=infer)]
+                         if on else [])
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
                 output_attentions: bool | None = None, return_dict: bool | None = None,

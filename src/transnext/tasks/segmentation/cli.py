@@ -35,6 +35,9 @@ def _infer_flags(a) -> None:
     a("--device", type=device_name, default=None)
     a("--amp", default="none", choices=["bf16", "fp16", "none"])
     a("--threads", type=positive_int, default=None, help="CPU intra-op threads")
+    a("--cuda-graphs", action="store_true",
+      help="replay the backbone's forward from a CUDA graph made for the first window (or "
+           "image) shape; other shapes run eagerly (GPU only)")
 
 
 def add_parser(sub) -> None:
@@ -161,10 +164,15 @@ def _infer_kwargs(args, model=None) -> dict:
 
 def _load(args, device):
     from .evaluate import backbone_of, load_model
+    if args.cuda_graphs:
+        from ...engine.cuda_graphs import check_cuda_graphs
+        check_cuda_graphs(device)
     model = load_model(args.checkpoint, args.model, pos_bias=args.pos_bias,
                        img_size=args.img_size or 512)
     if getattr(args, "fixed_pool_size", None):
         backbone_of(model).set_fixed_pool_size(args.fixed_pool_size)
+    if args.cuda_graphs:  # inference only: windows of one size are the usual case
+        backbone_of(model).use_cuda_graphs(train=False, infer=True)
     return model.to(device)
 
 
