@@ -109,3 +109,16 @@ def mosaics(tmp_path_factory):
     assert main(["det", "make-mosaics", "--output", str(root), "--train", "8", "--val", "5",
                  "--size", "64", "--seed", "1"]) == 0
     return root
+
+
+def graphs_follow_eager(run, tmp_path, caplog, replays: int) -> None:
+    """``run(out, *extra)`` (a training job, returning its logged losses) eagerly and with
+    ``--cuda-graphs``: every step replayed, none eager, and the same losses to 1%."""
+    import logging
+
+    import pytest
+    ref = run(tmp_path / "eager")
+    with caplog.at_level(logging.INFO, logger="transnext"):
+        got = run(tmp_path / "graphs", "--cuda-graphs")
+    assert f"CUDA graphs: {replays} call(s) replayed, 0 run eagerly" in caplog.text
+    assert got == pytest.approx(ref, rel=1e-2)

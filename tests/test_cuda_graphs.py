@@ -12,6 +12,7 @@ import timm
 import torch
 
 import transnext  # noqa: F401  (registers the models)
+from conftest import graphs_follow_eager
 from transnext import tables
 from transnext.cli import main
 from transnext.engine.cuda_graphs import GraphedForward, check_cuda_graphs
@@ -223,7 +224,6 @@ def test_train_job_with_cuda_graphs(tiny_folder, tmp_path, caplog):
     """`transnext train --cuda-graphs`: every full batch replays the graph, and training
     follows the eager job's losses."""
     import json
-    import logging
 
     def run(out, *extra):
         assert main(["train", "--model", "transnext_femto", "--data-dir", str(tiny_folder),
@@ -233,12 +233,7 @@ def test_train_job_with_cuda_graphs(tiny_folder, tmp_path, caplog):
                      "cuda", "--amp", "bf16", "--drop-path", "0", *extra]) == 0
         return [r["train_loss"] for r in json.loads((out / "metrics.json").read_text())]
 
-    ref = run(tmp_path / "eager")
-    with caplog.at_level(logging.INFO, logger="transnext"):
-        got = run(tmp_path / "graphs", "--cuda-graphs")
-    # 24 images, batches of 8: 6 replays over 2 epochs, none eager
-    assert "CUDA graphs: 6 call(s) replayed, 0 run eagerly" in caplog.text
-    assert got == pytest.approx(ref, rel=1e-2)
+    graphs_follow_eager(run, tmp_path, caplog, replays=6)  # 24 images, batches of 8, 2 epochs
 
 
 @cuda

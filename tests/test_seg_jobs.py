@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FMNIST, PY, REPO, needs_fmnist, run_ok, subprocess_env, torchrun
+from conftest import (FMNIST, PY, REPO, graphs_follow_eager, needs_fmnist, run_ok, subprocess_env,
+                      torchrun)
 from transnext.cli import main
 from transnext.data.fashion_mnist import DataError
 from transnext.tasks.segmentation.data import SegDataset, shift_labels
@@ -254,8 +255,6 @@ def test_compile_blocks_trains_the_same_weights(mosaics, tmp_path, monkeypatch):
 def test_cuda_graphs_train_like_eager(mosaics, tmp_path, caplog):
     """`seg train --cuda-graphs`: the backbone's step replays CUDA graphs from the second
     iteration on (the first records them) and the losses follow the eager run's."""
-    import logging
-
     def run(out, *extra):
         cmd = [a for a in _train_cmd(mosaics, out, "--iters", "4", "--eval-interval", "1000",
                                      "--device", "cuda", "--amp", "bf16", "--drop-path", "0",
@@ -264,11 +263,7 @@ def test_cuda_graphs_train_like_eager(mosaics, tmp_path, caplog):
         assert main(cmd) == 0
         return [r["train_loss"] for r in json.loads((out / "metrics.json").read_text())]
 
-    ref = run(tmp_path / "eager")
-    with caplog.at_level(logging.INFO, logger="transnext"):
-        got = run(tmp_path / "graphs", "--cuda-graphs")
-    assert "CUDA graphs: 4 call(s) replayed, 0 run eagerly" in caplog.text
-    assert got == pytest.approx(ref, rel=1e-2)
+    graphs_follow_eager(run, tmp_path, caplog, replays=4)
 
 
 @needs_fmnist
