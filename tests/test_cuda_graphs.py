@@ -214,7 +214,7 @@ def test_seg_backbone_graphed_training_step_matches_eager():
             loss.backward()
         out.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters()
                                   if p.grad is not None}))
-    assert g.backbone._graphed[0].graphs == 1
+    assert g.backbone.graphed.graphs == 1
     assert out[1][0] == pytest.approx(out[0][0], rel=1e-4)
     _assert_grads_close(out[1][1], out[0][1])
 
@@ -247,7 +247,7 @@ def test_seg_sliding_window_with_backbone_graphs_matches_eager():
         ref = slide(m, x, 64, 40)
         m.backbone.use_cuda_graphs(train=False, infer=True)
         got = [slide(m, x, 64, 40) for _ in range(2)]  # records, then replays
-    g = m.backbone._graphed[0]
+    g = m.backbone.graphed
     assert g.graphs == 1 and g.replays == 2 and g.eager_calls == 0
     for out in got:
         torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)

@@ -80,11 +80,11 @@ class GraphedForward(nn.Module):
     def forward(self, x):
         if not (isinstance(x, Tensor) and x.is_cuda) or torch.compiler.is_compiling():
             return self.module(x)
-        # the module's own flag: a wrapper kept outside the module tree is not switched
-        key = _key(x, self.module.training)
         grad = torch.is_grad_enabled()
         if not self._modes[0 if grad else 1]:
             return self.module(x)  # a mode not asked for: not counted as a miss
+        # the module's own flag: a wrapper kept outside the module tree is not switched
+        key = _key(x, self.module.training)
         if grad:
             if self._train is None:
                 self._train = (key, self._record_training(x))

@@ -127,11 +127,17 @@ class TransNeXtBackbone(BackboneMixin, PreTrainedModel):
         self._graphed = ([GraphedForward(_StageMaps(self.model), train=train, infer=infer)]
                          if on else [])
 
+    @property
+    def graphed(self):
+        """The ``GraphedForward`` that ``use_cuda_graphs`` set up (replay counts), or None."""
+        g = getattr(self, "_graphed", None)
+        return g[0] if g else None
+
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
                 output_attentions: bool | None = None, return_dict: bool | None = None,
                 **kwargs):
-        graphed = getattr(self, "_graphed", None)
-        maps = (graphed[0](pixel_values) if graphed else
+        graphed = self.graphed
+        maps = (graphed(pixel_values) if graphed is not None else
                 self.model.forward_intermediates(pixel_values, indices=[0, 1, 2, 3],
                                                  intermediates_only=True))
         feats = tuple(maps[i] for i in self.out_indices)

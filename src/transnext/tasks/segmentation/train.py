@@ -344,9 +344,9 @@ def _train(args, dist) -> dict:
                 mlog.log(row)
             if args.stop_after_iters and it - start_it >= args.stop_after_iters:
                 break
-    graphed = getattr(backbone_of(model), "_graphed", None)
-    if graphed and main:
-        log.info(graph_summary(graphed[0]))
+    graphed = backbone_of(model).graphed
+    if graphed is not None and main:
+        log.info(graph_summary(graphed))
     summary.update({"best_mIoU": best, "checkpoint": str(out / "last.pth"), "iter": it,
                     "train_time": time.time() - t0})
     return summary
