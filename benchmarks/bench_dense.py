@@ -129,13 +129,14 @@ def _bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device,
     how = compile_how if name.startswith("transnext") else "model"
     fwd = (GraphedForward(model) if compiled == "graphs" else
            compile_model(model, how, compile_mode) if compiled else model)
-    graphs = compiled is True and compile_mode == "reduce-overhead"
+    # torch.compile's CUDA graphs (not --compile graphs): each step must be marked
+    mark_steps = compiled is True and compile_mode == "reduce-overhead"
     if mode == "train":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
 
         def step():
-            if graphs:  # the last step's graph outputs are free to be overwritten
+            if mark_steps:  # the last step's graph outputs are free to be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             with amp:
                 feats = fwd(x)
@@ -147,7 +148,7 @@ def _bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device,
         model.eval()
 
         def step():
-            if graphs:
+            if mark_steps:
                 torch.compiler.cudagraph_mark_step_begin()
             with torch.inference_mode(), amp:
                 fwd(x)

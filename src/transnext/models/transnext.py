@@ -322,10 +322,11 @@ class ConvolutionalGLU(nn.Module):
         gate = F.linear(xg, w[:hidden], b[:hidden])
         value = F.linear(xv, w[hidden:], b[hidden:])
         recompute = (not is_fx_tracing()  # checkpointing has no place in an FX graph
-                     and (gate.is_cuda if self.recompute is None else self.recompute))
+                     and (gate.is_cuda if self.recompute is None else self.recompute)
+                     and self.training and torch.is_grad_enabled()
+                     and (gate.requires_grad or value.requires_grad))
         conv = self.dwconv.dwconv
-        if recompute and self.training and torch.is_grad_enabled() and (
-                gate.requires_grad or value.requires_grad) and (
+        if recompute and (
                 # graphs keep checkpoint (what torch.compile has run on the GPU); so does a
                 # hooked or replaced module
                 not torch.compiler.is_compiling() and type(self.act) is nn.GELU
@@ -334,8 +335,7 @@ class ConvolutionalGLU(nn.Module):
             x = _GatedRecompute.apply(gate, value, conv.weight, conv.bias, (
                 H, W, self.act.approximate, conv.stride, conv.padding, conv.dilation,
                 conv.groups))
-        elif recompute and self.training and torch.is_grad_enabled() and (
-                gate.requires_grad or value.requires_grad):
+        elif recompute:
             x = checkpoint(self._gated, gate, value, H, W, use_reentrant=False)
         else:
             x = self._gated(gate, value, H, W)
