@@ -301,7 +301,8 @@ def main(argv=None) -> list[dict]:
     iters = args.iters or (10 if dev == "cuda" else 1)
     env = dict(device=torch.cuda.get_device_name() if dev == "cuda" else platform.processor()
                or platform.machine(), torch=torch.__version__, python=platform.python_version(),
-               compile_mode=args.compile_mode, compile_how=args.compile_how)
+               compile_mode=args.compile_mode, compile_how=args.compile_how,
+               settings={k: v for k, v in os.environ.items() if k.startswith("TRANSNEXT_")})
     rows = []
     for H, W, batch in shapes:
         for mode in args.modes:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -134,7 +135,8 @@ def main():
         r["slide_ratio"] = r["slide_img_s"] / base["slide_img_s"]
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "compile": args.compile, "cuda_graphs": args.cuda_graphs, "batch": args.batch}
+            "compile": args.compile, "cuda_graphs": args.cuda_graphs, "batch": args.batch,
+            "settings": {k: v for k, v in os.environ.items() if k.startswith("TRANSNEXT_")}}
     print(f"UperNet, {meta['device']}, torch {meta['torch']}, batch {args.batch} at 512x512, bf16"
           + (", backbones in CUDA graphs" if args.cuda_graphs else ""))
     print(table(rows, [("model", "backbone", "s"), ("train_ms_step", "train ms/step", ".1f"),

@@ -21,6 +21,16 @@ from transnext.engine.errors import UserError
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.fixture
+def kernels_as_recorded(monkeypatch):
+    """The eager reference with the Triton kernels a recording runs (``TRANSNEXT_LAYER_NORM``
+    and ``TRANSNEXT_GLU`` auto: the kernels while capturing, PyTorch's ops otherwise):
+    graphs replay the eager step's kernels, and this compares exactly that.
+    test_fused_kernels.py compares the kernels with PyTorch's ops."""
+    monkeypatch.setenv("TRANSNEXT_LAYER_NORM", "triton")
+    monkeypatch.setenv("TRANSNEXT_GLU", "triton")
+
+
 def _backbone(device="cpu", **kw):
     torch.manual_seed(0)
     m = timm.create_model("transnext_micro", features_only=True, drop_path_rate=0.0, **kw)
@@ -146,7 +156,7 @@ def _assert_grads_close(got: dict, ref: dict) -> None:
 
 @cuda
 @pytest.mark.parametrize("pos_bias", ["interpolate", "extrapolate"])
-def test_graphed_training_matches_eager(pos_bias):
+def test_graphed_training_matches_eager(pos_bias, kernels_as_recorded):
     kw = dict(pos_bias="interpolate", img_size=64) if pos_bias == "interpolate" else {}
     ref = _backbone("cuda", **kw)
     g = copy.deepcopy(ref)
@@ -171,7 +181,7 @@ def test_graphed_training_matches_eager(pos_bias):
 
 
 @cuda
-def test_graphed_inference_matches_eager_and_follows_weight_updates():
+def test_graphed_inference_matches_eager_and_follows_weight_updates(kernels_as_recorded):
     m = _backbone("cuda", pos_bias="interpolate", img_size=64).eval()
     net = GraphedForward(m)
     x = torch.randn(2, 3, 80, 112, device="cuda").contiguous(memory_format=torch.channels_last)
@@ -196,7 +206,7 @@ def test_graphed_inference_matches_eager_and_follows_weight_updates():
 
 
 @cuda
-def test_seg_backbone_graphed_training_step_matches_eager():
+def test_seg_backbone_graphed_training_step_matches_eager(kernels_as_recorded):
     from transnext.tasks.segmentation.model import build_upernet
     torch.manual_seed(0)
     ref = build_upernet("transnext_femto", 5, channels=16, aux_channels=8, img_size=64,
@@ -237,7 +247,7 @@ def test_train_job_with_cuda_graphs(tiny_folder, tmp_path, caplog):
 
 
 @cuda
-def test_seg_sliding_window_with_backbone_graphs_matches_eager():
+def test_seg_sliding_window_with_backbone_graphs_matches_eager(kernels_as_recorded):
     from transnext.tasks.segmentation.inference import slide
     from transnext.tasks.segmentation.model import build_upernet
     torch.manual_seed(0)

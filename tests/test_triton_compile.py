@@ -96,7 +96,32 @@ def _msda_cases():
         yield f"msda_bwd-{dtype}", ms._bwd_kernel, dict(shape, NEED_DV=True, NEED_DLA=True), t
 
 
-CASES = [*_attention_cases(), *_bias_cases(), *_msda_cases()]
+def _layer_norm_cases():
+    from transnext.ops import layer_norm as ln
+
+    for width in (72, 576):  # TransNeXt-Tiny's narrowest and widest
+        t = ln.TUNING
+        fm, fc = ln._blocks(width, t["fwd_tile"])
+        bm, bc = ln._blocks(width, t["bwd_tile"])
+        types = {"M": "i32", "C": "i32", "eps": "fp32", "Y": "*bf16", "DY": "*bf16",
+                 "DY2": "*bf16"}
+        yield f"ln_fwd-{width}", ln._ln_fwd_kernel, dict(BLOCK_M=fm, BLOCK_C=fc), types
+        for two in (False, True):
+            yield f"ln_bwd-{width}-two{int(two)}", ln._ln_bwd_kernel, dict(
+                BLOCK_M=bm, BLOCK_C=bc, TWO=two), types
+
+
+def _gated_gelu_cases():
+    from transnext.ops import gated_gelu as gg
+
+    for dtype in ("bf16", "fp32"):
+        t = {n: f"*{dtype}" for n in ("C", "V", "OUT", "G", "DC", "DV")}
+        yield f"glu_fwd-{dtype}", gg._fwd_kernel, dict(BLOCK=gg.BLOCK), t
+        yield f"glu_bwd-{dtype}", gg._bwd_kernel, dict(BLOCK=gg.BLOCK), t
+
+
+CASES = [*_attention_cases(), *_bias_cases(), *_msda_cases(), *_layer_norm_cases(),
+         *_gated_gelu_cases()]
 
 
 @pytest.mark.parametrize("name,fn,consts,types", CASES, ids=[c[0] for c in CASES])

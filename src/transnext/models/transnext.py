@@ -23,6 +23,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ..ops import aggregated_attention, full_attention
+from ..ops.aggregated_attention import _interpreting as _triton_interpreting
 from ..ops.aggregated_attention import resolve_backend
 from ..tables import capturing
 from .archs import ARCHS, PRETRAIN_SIZE
@@ -127,6 +128,74 @@ def _cast_for_linears(x: Tensor, n: int) -> tuple[Tensor, ...]:
     return (x,) * n
 
 
+KERNEL_MODES = ("auto", "torch", "triton")
+
+
+def kernel_mode(var: str) -> str:
+    """What ``var`` says: ``TRANSNEXT_LAYER_NORM`` for the LayerNorm kernels
+    (``ops.layer_norm``), ``TRANSNEXT_GLU`` for the GLU's GELU-product kernels
+    (``ops.gated_gelu``). ``auto`` (default): the Triton kernels while a CUDA graph is
+    recorded, PyTorch's ops otherwise; ``torch``: PyTorch's ops always; ``triton``: the
+    kernels on every eager call (CPU tensors through triton's interpreter: tests). Why auto
+    waits for a graph: the kernels take a third to a half of PyTorch's GPU time, but a
+    Triton launch costs the host more than an ATen call, and eager TransNeXt steps are
+    host-bound (docs/dense_speed.md, round 8)."""
+    mode = os.environ.get(var, "auto").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"{var}={mode!r} is not one of {', '.join(KERNEL_MODES)}")
+    return mode
+
+
+def _kernels_run(var: str, x: Tensor) -> bool:
+    """Whether the Triton kernels ``var`` governs run on x now. Never in FX traces,
+    torch.compile or exports, which keep PyTorch's ops; never on fp64."""
+    if is_fx_tracing() or torch.compiler.is_compiling() or symbolic_tables.exporting():
+        return False
+    mode = kernel_mode(var)
+    if mode == "torch" or (mode == "auto" and not (x.is_cuda and capturing())):
+        return False
+    if not x.is_cuda and not _triton_interpreting():
+        raise RuntimeError(f"{var}=triton needs CUDA tensors (or TRITON_INTERPRET=1 set "
+                           "before triton is imported, for CPU tests)")
+    return x.dtype != torch.float64
+
+
+def _norm_kernel_ok(norm: nn.LayerNorm, x: Tensor, own_call: bool = False) -> bool:
+    """Whether ``ops.layer_norm`` normalises x for ``norm``. ``own_call``: called from
+    norm's own forward, so its hooks run anyway (else a hooked norm keeps its module)."""
+    if not _kernels_run("TRANSNEXT_LAYER_NORM", x):
+        return False
+    if (norm.weight is None or norm.bias is None or len(norm.normalized_shape) != 1
+            or x.shape[-1] != norm.normalized_shape[0]
+            or (not own_call and (norm._forward_hooks or norm._forward_pre_hooks))):
+        return False
+    from ..ops import layer_norm as ln  # triton is imported on first use only
+    return x.shape[-1] <= ln.MAX_WIDTH
+
+
+def _norm(norm: nn.LayerNorm, x: Tensor, own_call: bool = False) -> Tensor:
+    """``norm(x)``, through the Triton kernels where they run (same dtype as the module
+    would return: fp32 under autocast, else x's)."""
+    if not _norm_kernel_ok(norm, x, own_call):
+        return nn.LayerNorm.forward(norm, x) if own_call else norm(x)
+    from ..ops.layer_norm import layer_norm
+    out = torch.float32 if _autocast_dtype(x.device.type) is not None else x.dtype
+    return layer_norm(x, norm.weight, norm.bias, norm.eps, out)[0]
+
+
+def _norm_for_linears(norm: nn.LayerNorm, x: Tensor, n: int) -> Tensor | tuple[Tensor, ...]:
+    """``norm(x)`` as the input of ``n`` Linear layers. Under autocast, where the kernels
+    run: a tuple of n views of one 16-bit result (``ops.layer_norm``: what norm(x) and
+    ``_cast_for_linears`` give, in one pass); else ``norm(x)`` itself."""
+    if not _norm_kernel_ok(norm, x):
+        return norm(x)
+    from ..ops.layer_norm import layer_norm
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is None:
+        return layer_norm(x, norm.weight, norm.bias, norm.eps)[0]
+    return layer_norm(x, norm.weight, norm.bias, norm.eps, dtype, n)
+
+
 class _JointLinears(torch.autograd.Function):
     """Several Linear layers of one input as one matrix product (weights concatenated);
     returns one output per layer, views of the product. The backward concatenates their
@@ -225,7 +294,7 @@ class OverlapPatchEmbed(nn.Module):
             x = x.contiguous()
         x = self.proj(x)
         H, W = x.shape[-2:]
-        return self.norm(_map_to_tokens(x)), H, W
+        return _norm(self.norm, _map_to_tokens(x)), H, W
 
 
 class DWConv(nn.Module):
@@ -237,6 +306,14 @@ class DWConv(nn.Module):
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
         return _map_to_tokens(self.dwconv(_tokens_to_map(x, H, W)))
+
+
+def _fused_glu(c: Tensor, value: Tensor, approximate: str) -> bool:
+    """Whether ``ops.gated_gelu`` computes ``gelu(c) * value`` (``TRANSNEXT_GLU``): exact
+    GELU, contiguous operands of one dtype."""
+    return (approximate == "none" and c.dtype == value.dtype and c.shape == value.shape
+            and c.is_contiguous() and value.is_contiguous()
+            and _kernels_run("TRANSNEXT_GLU", c))
 
 
 class _GatedRecompute(torch.autograd.Function):
@@ -254,8 +331,13 @@ class _GatedRecompute(torch.autograd.Function):
         ctx.geom = geom
         ctx.save_for_backward(gate, value, weight, bias)
         c, _, _ = _GatedRecompute._conv(gate, weight, bias, geom)
+        c = _map_to_tokens(c)
+        ctx.fused = _fused_glu(c, value, geom[2])
+        if ctx.fused:
+            from ..ops.gated_gelu import gated_gelu
+            return gated_gelu(c, value)
         # GELU on the token view, as _gated does (the map layout rounds differently on CPUs)
-        return F.gelu(_map_to_tokens(c), approximate=geom[2]) * value
+        return F.gelu(c, approximate=geom[2]) * value
 
     @staticmethod
     def _conv(gate, weight, bias, geom):
@@ -276,8 +358,12 @@ class _GatedRecompute(torch.autograd.Function):
                 gate = gate.to(ctx.amp_dtype)
             c, m, w = _GatedRecompute._conv(gate, weight, bias, ctx.geom)
             c = _map_to_tokens(c)
-            d_value = g * F.gelu(c, approximate=approximate) if need_value else None
-            d_c = torch.ops.aten.gelu_backward(g * value, c, approximate=approximate)
+            if ctx.fused and _fused_glu(c, value, approximate):
+                from ..ops.gated_gelu import gated_gelu_backward
+                d_c, d_value = gated_gelu_backward(g, c, value)
+            else:
+                d_value = g * F.gelu(c, approximate=approximate) if need_value else None
+                d_c = torch.ops.aten.gelu_backward(g * value, c, approximate=approximate)
             d_map, d_w, d_b = torch.ops.aten.convolution_backward(
                 _tokens_to_map(d_c, H, W), m, w, [w.shape[0]], list(stride), list(padding),
                 list(dilation), False, [0, 0], groups, [need_gate, need_w, need_b])
@@ -309,16 +395,22 @@ class ConvolutionalGLU(nn.Module):
         self.recompute = recompute
 
     def _gated(self, gate: Tensor, value: Tensor, H: int, W: int) -> Tensor:
-        gate = _gelu_fresh(self.act, self.dwconv(gate, H, W))
+        c = self.dwconv(gate, H, W)
+        if (_may_overwrite() and type(self.act) is nn.GELU
+                and _fused_glu(c, value, self.act.approximate)):  # no autograd needed
+            from ..ops.gated_gelu import gated_gelu
+            return gated_gelu(c, value)
+        gate = _gelu_fresh(self.act, c)
         return gate.mul_(value) if _may_overwrite() else gate * value
 
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+    def forward(self, x: Tensor | tuple[Tensor, Tensor], H: int, W: int) -> Tensor:
+        # x: the tokens, or (Block) two views of their 16-bit copy (_norm_for_linears).
         # fc1 as two products on halves of its weight: the gate comes out contiguous, so the
         # depthwise conv reads it as a channels_last map with no copy (a chunk of one
         # product would be strided and copied first).
         hidden = self.fc2.in_features
         w, b = self.fc1.weight, self.fc1.bias
-        xg, xv = _cast_for_linears(x, 2)
+        xg, xv = x if isinstance(x, tuple) else _cast_for_linears(x, 2)
         gate = F.linear(xg, w[:hidden], b[:hidden])
         value = F.linear(xv, w[hidden:], b[hidden:])
         recompute = (not is_fx_tracing()  # checkpointing has no place in an FX graph
@@ -415,6 +507,8 @@ def _query_params(num_heads: int, head_dim: int) -> tuple[nn.Parameter, nn.Param
 class AggregatedAttention(_PositionBias):
     """SPEC section 3: a w x w neighbourhood plus pooled tokens, one softmax."""
 
+    linear_inputs = 3  # q, kv, sr read the normalised tokens
+
     def __init__(self, dim: int, num_heads: int, sr_ratio: int, window_size: int = 3,
                  qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
@@ -444,12 +538,16 @@ class AggregatedAttention(_PositionBias):
             trunc_normal_(torch.empty(num_heads, self.head_dim, ww), std=0.02))
         self.learnable_bias = nn.Parameter(torch.zeros(num_heads, 1, ww))
 
-    def forward(self, x: Tensor, H: int, W: int, geo: StageGeometry) -> Tensor:
+    def forward(self, x: Tensor | tuple[Tensor, ...], H: int, W: int,
+                geo: StageGeometry) -> Tensor:
+        # x: the tokens, or (Block) three views of their 16-bit copy (_norm_for_linears)
+        xs = x if isinstance(x, tuple) else None
+        x = xs[0] if xs else x
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
         joint = _joint_linears(x, (self.q, self.kv, self.sr))
         if joint is None:
-            xq, xkv, xsr = _cast_for_linears(x, 3)
+            xq, xkv, xsr = xs or _cast_for_linears(x, 3)
             # The 1x1 `sr` conv is a per-token linear map: run it as one (faster everywhere).
             joint = (self.q(xq), self.kv(xkv),
                      F.linear(xsr, self.sr.weight.view(C, C), self.sr.bias))
@@ -464,7 +562,8 @@ class AggregatedAttention(_PositionBias):
             pooled = symbolic_tables.adaptive_avg_pool(_tokens_to_map(y, H, W), geo.pool_hw)
         else:
             pooled = F.adaptive_avg_pool2d(_tokens_to_map(y, H, W), geo.pool_hw)
-        pooled = self.norm(_map_to_tokens(pooled))
+        pooled = _norm_for_linears(self.norm, _map_to_tokens(pooled), 1)
+        pooled = pooled[0] if isinstance(pooled, tuple) else pooled
         k_pool, v_pool = self.kv(pooled).reshape(B, geo.num_pool, 2, h, d).unbind(2)
 
         # (an FX trace leaves the choice to the op, a leaf there)
@@ -488,6 +587,8 @@ class AggregatedAttention(_PositionBias):
 class Attention(_PositionBias):
     """SPEC section 4: full length-scaled cosine attention (the last stage)."""
 
+    linear_inputs = 1  # qkv
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
@@ -502,7 +603,9 @@ class Attention(_PositionBias):
         self.proj_drop = nn.Dropout(proj_drop)
         self._init_position_bias(num_heads)
 
-    def forward(self, x: Tensor, H: int, W: int, geo: StageGeometry) -> Tensor:
+    def forward(self, x: Tensor | tuple[Tensor], H: int, W: int,
+                geo: StageGeometry) -> Tensor:
+        x = x[0] if isinstance(x, tuple) else x
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
         out = full_attention(
@@ -529,8 +632,10 @@ class Block(nn.Module):
         self.mlp = ConvolutionalGLU(dim, mlp_ratio, proj_drop, glu_recompute)
 
     def forward(self, x: Tensor, H: int, W: int, geo: StageGeometry) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), H, W, geo))
-        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+        n = getattr(self.attn, "linear_inputs", None)  # None: a replaced attention module
+        a = self.norm1(x) if n is None else _norm_for_linears(self.norm1, x, n)
+        x = x + self.drop_path(self.attn(a, H, W, geo))
+        return x + self.drop_path(self.mlp(_norm_for_linears(self.norm2, x, 2), H, W))
 
 
 class StageNorm(nn.LayerNorm):
@@ -538,7 +643,7 @@ class StageNorm(nn.LayerNorm):
     forward hooks and FX feature extraction take at ``norm{i}`` is the stage map."""
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
-        return _tokens_to_map(super().forward(x), H, W)
+        return _tokens_to_map(_norm(self, x, own_call=True), H, W)
 
 
 class TransNeXt(nn.Module):
