@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from transnext.ops.layer_norm import layer_norm  # noqa: E402
 
+from bench_op import _kernel_times  # noqa: E402
 from common import table  # noqa: E402
 
 DIMS = (72, 144, 288, 576)  # TransNeXt-Tiny
@@ -60,15 +61,7 @@ def step(way: str, x, w, b, g, backward: bool):
 
 
 def gpu_us(fn, iters: int = 10) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.device_time for e in prof.events() if e.device_type.name == "CUDA") / iters
+    return 1e3 * sum(_kernel_times(fn, iters).values())
 
 
 def host_us(fn, iters: int = 50) -> float:

@@ -12,7 +12,6 @@ torch.compile and opcheck.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -430,10 +429,9 @@ def test_opcheck_factored():
 @pytest.mark.skipif(CUDA or RUN_HERE or os.environ.get(_SUBPROCESS_FLAG) == "1",
                     reason="CPU cases already run in this process")
 def test_cpu_cases_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_SUBPROCESS_FLAG: "1"})
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                        __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    from triton_env import run_in_interpreter
+
+    run_in_interpreter(__file__, _SUBPROCESS_FLAG)
 
 
 # ------------------------------- CUDA only ---------------------------------

@@ -48,3 +48,13 @@ def interpreter_problem() -> str | None:
     if os.environ.get("TRANSNEXT_REQUIRE_TRITON_INTERPRETER") == "1":
         raise RuntimeError(why + " (TRANSNEXT_REQUIRE_TRITON_INTERPRETER=1)")
     return why
+
+
+def run_in_interpreter(test_file: str, flag: str) -> None:
+    """Run ``test_file``'s tests in a child pytest with TRITON_INTERPRET=1 (and ``flag``=1, so
+    the child does not recurse): for CPU cases whose module found triton imported without
+    the interpreter (triton picks interpreted or compiled kernels at ``import triton``)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", **{flag: "1"})
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        test_file], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

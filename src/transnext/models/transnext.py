@@ -137,9 +137,10 @@ def kernel_mode(var: str) -> str:
     (``ops.gated_gelu``). ``auto`` (default): the Triton kernels while a CUDA graph is
     recorded, PyTorch's ops otherwise; ``torch``: PyTorch's ops always; ``triton``: the
     kernels on every eager call (CPU tensors through triton's interpreter: tests). Why auto
-    waits for a graph: the kernels take a third to a half of PyTorch's GPU time, but a
-    Triton launch costs the host more than an ATen call, and eager TransNeXt steps are
-    host-bound (docs/dense_speed.md, round 8)."""
+    waits for a graph: the kernels save GPU time (the LayerNorm ones take a third of
+    PyTorch's; the GLU ones make two passes where PyTorch made six), but a Triton launch
+    costs the host more than an ATen call, and eager TransNeXt steps are host-bound
+    (docs/dense_speed.md, round 8)."""
     mode = os.environ.get(var, "auto").strip().lower() or "auto"
     if mode not in KERNEL_MODES:
         raise ValueError(f"{var}={mode!r} is not one of {', '.join(KERNEL_MODES)}")
@@ -399,7 +400,7 @@ class ConvolutionalGLU(nn.Module):
         if (_may_overwrite() and type(self.act) is nn.GELU
                 and _fused_glu(c, value, self.act.approximate)):  # no autograd needed
             from ..ops.gated_gelu import gated_gelu
-            return gated_gelu(c, value)
+            return gated_gelu(c, value, in_place=True)  # c is the conv's fresh output
         gate = _gelu_fresh(self.act, c)
         return gate.mul_(value) if _may_overwrite() else gate * value
 

@@ -58,13 +58,14 @@ def _launch(fn, like: Tensor, *args):
         kernel(fn, not like.is_cuda)[(triton.cdiv(n, BLOCK),)](*args, n, BLOCK)
 
 
-def gated_gelu(c: Tensor, v: Tensor) -> Tensor:
+def gated_gelu(c: Tensor, v: Tensor, in_place: bool = False) -> Tensor:
     """``gelu(c) * v`` (exact GELU) in one kernel; c and v contiguous, same shape and dtype.
-    No autograd: the GLU's own backward calls :func:`gated_gelu_backward`."""
+    ``in_place``: written over c (a tensor nobody else holds). No autograd: the GLU's own
+    backward calls :func:`gated_gelu_backward`."""
     if not _flat(c, v):
         raise ValueError("gated_gelu takes two contiguous tensors of one shape and dtype, got "
                          f"{tuple(c.shape)} {c.dtype} and {tuple(v.shape)} {v.dtype}")
-    out = torch.empty_like(c)
+    out = c if in_place else torch.empty_like(c)
     _launch(_fwd_kernel, c, c, v, out)
     return out
 
