@@ -32,7 +32,7 @@ TUNING = dict(fwd_tile=4096, fwd_warps=4, bwd_tile=4096, bwd_warps=4, bwd_per_sm
 
 
 def _ln_fwd_kernel(X, Wt, B, Y, MEAN, RSTD, M, C, sx, sy, eps,
-                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     r_ok = rows < M
@@ -52,7 +52,7 @@ def _ln_fwd_kernel(X, Wt, B, Y, MEAN, RSTD, M, C, sx, sy, eps,
 
 
 def _ln_bwd_kernel(X, Wt, DY, DY2, MEAN, RSTD, DX, DW, DB, M, C, sx, sdy, sdy2, sdx, GRID,
-                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, TWO: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, TWO: tl.constexpr):
     # each program walks row tiles pid, pid + GRID, ...; its dW, dB partials (summed over
     # its rows once, at the end) go to row pid. TWO: the gradient is DY + DY2 (in fp32)
     pid = tl.program_id(0)
@@ -131,8 +131,8 @@ def _bwd(x2: Tensor, weight: Tensor, dys: list[Tensor], mean: Tensor, rstd: Tens
     grid = max(1, min(tiles, TUNING["bwd_per_sm"] * sm_count(x2.device) if x2.is_cuda else 4))
     part = torch.empty((grid, 2, C), dtype=torch.float32, device=x2.device)  # dW, dB rows
     if M:
-        _launch(_ln_bwd_kernel, x2, (grid,), TUNING["bwd_warps"], x2, weight, dy, dy2, mean, rstd,
-                dx, part, part[0, 1], M, C, x2.stride(0), dy.stride(0), dy2.stride(0),
+        _launch(_ln_bwd_kernel, x2, (grid,), TUNING["bwd_warps"], x2, weight, dy, dy2, mean,
+                rstd, dx, part, part[0, 1], M, C, x2.stride(0), dy.stride(0), dy2.stride(0),
                 dx.stride(0), grid, bm, bc, len(dys) == 2)
     else:
         part.zero_()
@@ -185,6 +185,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
         raise ValueError(f"layer_norm: weight {tuple(weight.shape)} and bias "
                          f"{tuple(bias.shape)} do not match rows of width {x.shape[-1]}")
     out_dtype = out_dtype or x.dtype
+    weight, bias = weight.contiguous(), bias.contiguous()  # read as flat rows
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or bias.requires_grad):
         return _LayerNormFn.apply(x, weight, bias, float(eps), out_dtype, n)
