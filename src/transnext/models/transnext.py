@@ -187,7 +187,8 @@ def _norm(norm: nn.LayerNorm, x: Tensor, own_call: bool = False) -> Tensor:
 def _norm_for_linears(norm: nn.LayerNorm, x: Tensor, n: int) -> Tensor | tuple[Tensor, ...]:
     """``norm(x)`` as the input of ``n`` Linear layers. Under autocast, where the kernels
     run: a tuple of n views of one 16-bit result (``ops.layer_norm``: what norm(x) and
-    ``_cast_for_linears`` give, in one pass); else ``norm(x)`` itself."""
+    ``_cast_for_linears`` give, up to fp32 summation order, in one pass); else ``norm(x)``
+    itself."""
     if not _norm_kernel_ok(norm, x):
         return norm(x)
     from ..ops.layer_norm import layer_norm

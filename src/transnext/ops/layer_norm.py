@@ -12,9 +12,9 @@ where launches are free, inside CUDA graphs (``TRANSNEXT_LAYER_NORM``,
 :func:`layer_norm` also hands the normalised rows to ``n`` linear layers in one dtype
 (``out_dtype``, autocast's 16-bit type): under autocast a LayerNorm returns fp32 and each
 Linear casts it again; writing the 16-bit rows directly skips the fp32 write, its read
-and the cast. The numbers are the same: the rows are computed in fp32 and rounded once,
-as the cast would, and the ``n`` gradients are added in fp32, as ``n`` casts' backwards
-would (``models.transnext._CastShared``).
+and the cast. The values are those of F.layer_norm in fp32 (up to summation order),
+rounded once as the cast would, and the ``n`` gradients are added in fp32, as ``n``
+casts' backwards would (``models.transnext._CastShared``).
 """
 from __future__ import annotations
 
