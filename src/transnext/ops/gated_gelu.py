@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_launch import kernel
+from .triton_launch import launch
 
 BLOCK = 2048
 _RSQRT2 = tl.constexpr(0.7071067811865476)  # kernels read globals only as constexprs
@@ -55,7 +55,7 @@ def _flat(*ts: Tensor) -> bool:
 def _launch(fn, like: Tensor, *args):
     n = like.numel()
     if n:
-        kernel(fn, not like.is_cuda)[(triton.cdiv(n, BLOCK),)](*args, n, BLOCK)
+        launch(fn, like, (triton.cdiv(n, BLOCK),), *args, n, BLOCK)
 
 
 def gated_gelu(c: Tensor, v: Tensor, in_place: bool = False) -> Tensor:

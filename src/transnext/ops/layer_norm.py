@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_launch import kernel, sm_count
+from .triton_launch import launch, sm_count
 
 MAX_WIDTH = 8192  # wider rows go to F.layer_norm (one tile row must fit in registers)
 # launch shape: elements per program (rows x padded width), warps, backward programs per SM
@@ -96,18 +96,6 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(fn, x: Tensor, grid, warps: int, *args):
-    interpret = not x.is_cuda
-    k = kernel(fn, interpret)
-    if interpret:
-        k[grid](*args)
-    elif x.device.index == torch.cuda.current_device():
-        k[grid](*args, num_warps=warps)
-    else:  # triton launches on the current device
-        with torch.cuda.device(x.device):
-            k[grid](*args, num_warps=warps)
-
-
 def _fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype):
     x2 = _rows(x)
     M, C = x2.shape
@@ -116,8 +104,8 @@ def _fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.d
     rstd = torch.empty_like(mean)
     if M:
         bm, bc = _blocks(C, TUNING["fwd_tile"])
-        _launch(_ln_fwd_kernel, x, (triton.cdiv(M, bm),), TUNING["fwd_warps"], x2, weight,
-                bias, y, mean, rstd, M, C, x2.stride(0), y.stride(0), eps, bm, bc)
+        launch(_ln_fwd_kernel, x, (triton.cdiv(M, bm),), x2, weight, bias, y, mean, rstd, M,
+               C, x2.stride(0), y.stride(0), eps, bm, bc, num_warps=TUNING["fwd_warps"])
     return y.view(x.shape), x2, mean, rstd
 
 
@@ -131,9 +119,9 @@ def _bwd(x2: Tensor, weight: Tensor, dys: list[Tensor], mean: Tensor, rstd: Tens
     grid = max(1, min(tiles, TUNING["bwd_per_sm"] * sm_count(x2.device) if x2.is_cuda else 4))
     part = torch.empty((grid, 2, C), dtype=torch.float32, device=x2.device)  # dW, dB rows
     if M:
-        _launch(_ln_bwd_kernel, x2, (grid,), TUNING["bwd_warps"], x2, weight, dy, dy2, mean,
-                rstd, dx, part, part[0, 1], M, C, x2.stride(0), dy.stride(0), dy2.stride(0),
-                dx.stride(0), grid, bm, bc, len(dys) == 2)
+        launch(_ln_bwd_kernel, x2, (grid,), x2, weight, dy, dy2, mean, rstd, dx, part,
+               part[0, 1], M, C, x2.stride(0), dy.stride(0), dy2.stride(0), dx.stride(0), grid,
+               bm, bc, len(dys) == 2, num_warps=TUNING["bwd_warps"])
     else:
         part.zero_()
     dw, db = part.sum(0).unbind(0)  # one reduction for both

@@ -1,6 +1,7 @@
 """How the package's Triton kernels are launched: plain Python functions wrapped lazily,
 ``triton.jit`` for CUDA tensors and triton's interpreter for CPU tensors (tests),
-whatever ``TRITON_INTERPRET`` says; and the GPU's multiprocessor count for grid sizing."""
+whatever ``TRITON_INTERPRET`` says; :func:`launch` on a tensor's own device; and the GPU's
+multiprocessor count for grid sizing."""
 from __future__ import annotations
 
 import torch
@@ -22,6 +23,18 @@ def kernel(fn, interpret: bool):
             k = triton.jit(fn)
         _KERNELS[key] = k
     return k
+
+
+def launch(fn, like, grid, *args, **meta) -> None:
+    """``fn[grid](*args, **meta)``, compiled on ``like``'s GPU (triton launches on the current
+    device) or interpreted for a CPU tensor (``meta``, e.g. num_warps, is for the compiler)."""
+    if not like.is_cuda:
+        kernel(fn, True)[grid](*args)
+    elif like.device.index == torch.cuda.current_device():
+        kernel(fn, False)[grid](*args, **meta)
+    else:
+        with torch.cuda.device(like.device):
+            kernel(fn, False)[grid](*args, **meta)
 
 
 def sm_count(dev) -> int:
