@@ -211,8 +211,10 @@ def _step_costs(step, device: str, iters: int) -> dict:
     return out
 
 
-def profile_step(name, variant, H, W, batch, device, img_size, out: str, rows: int) -> str:
-    """Top operators of two training steps by device (or CPU) time, written to ``out``."""
+def profile_step(name, variant, H, W, batch, device, img_size, out: str, rows: int,
+                 by_shape: bool = False) -> str:
+    """Top operators of two training steps by device (or CPU) time, written to ``out``;
+    ``by_shape``: one row per operator and input shapes (e.g. which reductions are slow)."""
     from torch.profiler import ProfilerActivity, profile
 
     label, model, (h, w) = make_backbone(name, variant, H, W, img_size)
@@ -236,15 +238,16 @@ def profile_step(name, variant, H, W, batch, device, img_size, out: str, rows: i
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     if device == "cuda":
         torch.cuda.synchronize()
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=by_shape) as prof:
         for _ in range(2):
             step()
         if device == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages()
+    table = prof.key_averages(group_by_input_shape=by_shape)
+    wide = dict(max_name_column_width=40, max_shapes_column_width=70) if by_shape else {}
     text = (f"{label} {H}x{W} batch {batch}, two training steps, {device}\n"
-            + table.table(sort_by=key, row_limit=rows)
+            + table.table(sort_by=key, row_limit=rows, **wide)
             + "\nThe same, by number of calls (host work per step: launches)\n"
             + table.table(sort_by="count", row_limit=rows))
     Path(out).write_text(text)
@@ -277,6 +280,8 @@ def main(argv=None) -> list[dict]:
                    help="instead of timing: profile the first model/variant/shape's training "
                         "step and write the op table here")
     p.add_argument("--profile-rows", type=int, default=40)
+    p.add_argument("--profile-by-shape", action="store_true",
+                   help="with --profile: one row per operator and input shapes")
     p.add_argument("--costs", action="store_true",
                    help="also measure host enqueue ms, GPU kernel ms and kernels per step")
     p.add_argument("--floor", action="store_true",
@@ -293,7 +298,7 @@ def main(argv=None) -> list[dict]:
     if args.profile:
         H, W, batch = shapes[0]
         print(profile_step(args.models[0], args.variants[0], H, W, batch, dev, args.img_size,
-                           args.profile, args.profile_rows))
+                           args.profile, args.profile_rows, args.profile_by_shape))
         return []
     modes = {"eager": [False], "compiled": [True], "graphs": ["graphs"], "both": [False, True]}
     compiled = [c for m in args.compile for c in modes[m]]

@@ -1,7 +1,7 @@
 """The elementwise Triton kernels against PyTorch's ops: the LayerNorm kernels
 (``ops.layer_norm``) against ``F.layer_norm``, the GLU's GELU-product kernels
-(``ops.gated_gelu``) against GELU and a product; the model with each against the model
-without.
+(``ops.gated_gelu``) against a bias, GELU and a product, the bias-gradient column sums
+(``ops.column_sum``) against ``sum``; the model with each against the model without.
 
 On the CPU the kernels run in triton's interpreter, which must be chosen before triton is
 imported (as in test_triton_kernels.py); where an earlier module imported triton without
@@ -25,6 +25,7 @@ import triton.language as tl  # noqa: E402
 
 import transnext  # noqa: E402,F401  (registers the models)
 from transnext.models.transnext import kernel_mode  # noqa: E402
+from transnext.ops.column_sum import column_sum, column_sum_reference  # noqa: E402
 from transnext.ops.gated_gelu import (  # noqa: E402
     gated_gelu, gated_gelu_backward, gated_gelu_backward_reference, gated_gelu_reference)
 from transnext.ops.layer_norm import layer_norm, layer_norm_reference  # noqa: E402
@@ -177,23 +178,51 @@ def test_hooked_norm_keeps_its_module(monkeypatch):
     assert isinstance(model.block1[0].norm1, nn.LayerNorm)
 
 
+@here
+def test_hooked_linear_and_conv_keep_their_modules(monkeypatch):
+    """With every kernel on, a hooked Linear (training: the bias-gradient path) and a hooked
+    depthwise conv (inference: the GLU path that adds the conv's bias) still run their
+    modules and hooks; the unhooked layers beside them take the kernels' paths."""
+    for var in ("TRANSNEXT_LAYER_NORM", "TRANSNEXT_GLU", "TRANSNEXT_BIAS_GRAD"):
+        monkeypatch.setenv(var, "triton")
+    # no GLU recompute (the CUDA default): its hooked-conv fallback, a checkpoint, would run
+    # the conv's hook again in the backward
+    model = timm.create_model("transnext_micro", img_size=32, glu_recompute=False).to(DEV)
+    blk = model.block1[0]
+    seen = []
+    blk.attn.proj.register_forward_hook(lambda m, i, o: seen.append("proj"))
+    blk.mlp.fc2.register_forward_hook(lambda m, i, o: seen.append("fc2"))
+    blk.mlp.dwconv.dwconv.register_forward_hook(lambda m, i, o: seen.append("dwconv"))
+    model(torch.randn(1, 3, 32, 32, device=DEV)).sum().backward()
+    assert seen == ["proj", "dwconv", "fc2"]
+    seen.clear()
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32, device=DEV))
+    assert seen == ["proj", "dwconv", "fc2"]
+
+
 # ---- the GLU's gelu(c) * v --------------------------------------------------------
 
 @here
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_gated_gelu_matches_gelu_and_product(dtype):
+def test_gated_gelu_matches_gelu_and_product(dtype, with_bias):
     g0 = torch.Generator().manual_seed(5)
     c, v, g = (torch.randn(3, 77, 40, generator=g0).mul(2).to(DEV, dtype) for _ in range(3))
+    bias = torch.randn(40, generator=g0).to(DEV) if with_bias else None  # fp32, as the conv's
     c64, v64, g64 = (t.cpu().double() for t in (c, v, g))  # the same (rounded) inputs
-    out = gated_gelu(c, v)
-    dc, dv = gated_gelu_backward(g, c, v)
-    ref = gated_gelu_reference(c, v)
-    rdc, rdv = gated_gelu_backward_reference(g, c, v)
+    b64 = None if bias is None else bias.cpu().double()
+    out = gated_gelu(c, v, bias)
+    dc, dv = gated_gelu_backward(g, c, v, bias)
+    ref = gated_gelu_reference(c, v, bias)
+    rdc, rdv = gated_gelu_backward_reference(g, c, v, bias)
     assert out.dtype == dc.dtype == dv.dtype == dtype
     c2 = c.clone()
-    assert gated_gelu(c2, v, in_place=True).data_ptr() == c2.data_ptr()
+    assert gated_gelu(c2, v, bias, in_place=True).data_ptr() == c2.data_ptr()
     assert torch.equal(c2, out)
-    tol = 1e-6 if dtype == torch.float32 else 1e-2  # 16 bits: one rounding apart at most
+    # 16 bits: one rounding apart at most (two with the bias: PyTorch rounds c + bias too)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
     for a, r in ((out, ref), (dc, rdc), (dv, rdv)):
         assert _rel(a.float(), r.float()) < tol
     # against float64 the kernels (one rounding) are no worse than PyTorch's ops (several).
@@ -201,8 +230,8 @@ def test_gated_gelu_matches_gelu_and_product(dtype):
     # triton 3.8), where the GPU rounds to nearest.
     if dtype != torch.float32 and not CUDA:
         return
-    t64 = gated_gelu_reference(c64, v64)
-    d64 = gated_gelu_backward_reference(g64, c64, v64)
+    t64 = gated_gelu_reference(c64, v64, b64)
+    d64 = gated_gelu_backward_reference(g64, c64, v64, b64)
     for a, r, t in ((out, ref, t64), (dc, rdc, d64[0]), (dv, rdv, d64[1])):
         assert _rel(a.cpu().double(), t) <= _rel(r.cpu().double(), t) * 1.01 + 1e-7
 
@@ -216,19 +245,57 @@ def test_gated_gelu_refuses_what_it_cannot_read():
         gated_gelu(c, c.to(torch.bfloat16))
     with pytest.raises(ValueError, match="g of that shape"):
         gated_gelu_backward(c[:2], c, c)
+    with pytest.raises(ValueError, match=r"bias \(4,\) .* is not one value per channel"):
+        gated_gelu(c, c, torch.zeros(4, device=DEV))
+
+
+# ---- the Linear layers' bias gradients -----------------------------------------------
+
+@here
+@pytest.mark.parametrize("shape,dtype,layout", [
+    ((3, 50, 72), torch.bfloat16, "plain"),
+    ((700, 300), torch.float32, "plain"),  # several column blocks and row strips
+    ((5, 9), torch.float16, "plain"),
+    ((40, 24), torch.float32, "strided_rows"),
+    ((2, 0, 8), torch.float32, "plain"),
+], ids=lambda p: str(p).replace(" ", ""))
+def test_column_sum_matches_sum(shape, dtype, layout):
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(shape, generator=gen)
+    if layout == "strided_rows":
+        g = torch.randn(shape[0], shape[1] + 7, generator=gen)[:, :shape[1]]
+    g = g.to(DEV, dtype)
+    got = column_sum(g)
+    ref = column_sum_reference(g)
+    assert got.dtype == torch.float32 and got.shape == (shape[-1],)
+    # fp32 accumulation of the same values: summation order only
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * max(1, g.shape[0] ** 0.5))
+    assert torch.allclose(got.double(), g.double().reshape(-1, shape[-1]).sum(0), rtol=1e-4,
+                          atol=1e-4)
 
 
 @here
+def test_column_sum_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match="last dimension is contiguous"):
+        column_sum(torch.randn(6, 4, device=DEV).t())
+
+
+@here
+@pytest.mark.parametrize("var", ["TRANSNEXT_GLU", "TRANSNEXT_BIAS_GRAD"])
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
-def test_model_with_glu_kernels_matches_torch(amp, monkeypatch):
+def test_model_with_glu_and_bias_grad_kernels_matches_torch(amp, var, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setenv("TRANSNEXT_LAYER_NORM", "torch")
+    for other in ("TRANSNEXT_LAYER_NORM", "TRANSNEXT_GLU", "TRANSNEXT_BIAS_GRAD"):
+        monkeypatch.setenv(other, "torch")
     torch.manual_seed(0)
     # recompute: the training path the kernels serve (the default on CUDA only)
     model = timm.create_model("transnext_micro", img_size=64, features_only=True,
                               glu_recompute=True).to(DEV)
+    with torch.no_grad():  # conv biases that matter (they start at zero)
+        for blk in model.modules():
+            if isinstance(blk, nn.Conv2d) and blk.bias is not None:
+                blk.bias.normal_(0, 0.5)
     x = torch.randn(2, 3, 64, 96, device=DEV)
-    var = "TRANSNEXT_GLU"
     ref, g_ref = _model_step(model, x, "torch", monkeypatch, amp, var)
     got, g_got = _model_step(model, x, "triton", monkeypatch, amp, var)
     ftol, gtol = (1e-5, 1e-4) if not amp else (3e-2, 1e-1)
@@ -237,6 +304,11 @@ def test_model_with_glu_kernels_matches_torch(amp, monkeypatch):
     scale = max(g.norm().item() for g in g_ref.values())
     for k in g_ref:
         assert (g_got[k] - g_ref[k]).norm().item() < gtol * scale, k
+    if not amp:  # fp32: each bias gradient on its own, summation order apart
+        biases = [k for k in g_ref if k.endswith("bias") and g_ref[k].norm() > 1e-3 * scale]
+        assert len(biases) > 20
+        for k in biases:
+            assert _rel(g_got[k], g_ref[k]) < 1e-4, k
     # inference (no autograd: the GLU's plain path)
     model.eval()
     with torch.no_grad():

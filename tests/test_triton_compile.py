@@ -116,12 +116,26 @@ def _gated_gelu_cases():
 
     for dtype in ("bf16", "fp32"):
         t = {n: f"*{dtype}" for n in ("C", "V", "OUT", "G", "DC", "DV")}
-        yield f"glu_fwd-{dtype}", gg._fwd_kernel, dict(BLOCK=gg.BLOCK), t
-        yield f"glu_bwd-{dtype}", gg._bwd_kernel, dict(BLOCK=gg.BLOCK), t
+        for bias in (False, True):  # with the depthwise conv's bias (fp32)
+            yield f"glu_fwd-{dtype}-bias{int(bias)}", gg._fwd_kernel, dict(
+                HAS_BIAS=bias, BLOCK=gg.BLOCK), t
+            yield f"glu_bwd-{dtype}-bias{int(bias)}", gg._bwd_kernel, dict(
+                HAS_BIAS=bias, BLOCK=gg.BLOCK), t
+
+
+def _column_sum_cases():
+    from transnext.ops import column_sum as cs
+
+    for dtype in ("bf16", "fp32"):
+        for width in (72, 1152):  # one and several column blocks
+            bn = min(256, triton.next_power_of_2(width))
+            yield f"colsum-{dtype}-{width}", cs._colsum_kernel, dict(
+                BLOCK_M=cs.TUNING["tile"] // bn, BLOCK_N=bn), {"G": f"*{dtype}", "M": "i32",
+                                                              "N": "i32"}
 
 
 CASES = [*_attention_cases(), *_bias_cases(), *_msda_cases(), *_layer_norm_cases(),
-         *_gated_gelu_cases()]
+         *_gated_gelu_cases(), *_column_sum_cases()]
 
 
 @pytest.mark.parametrize("name,fn,consts,types", CASES, ids=[c[0] for c in CASES])

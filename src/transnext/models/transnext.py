@@ -134,7 +134,9 @@ KERNEL_MODES = ("auto", "torch", "triton")
 def kernel_mode(var: str) -> str:
     """What ``var`` says: ``TRANSNEXT_LAYER_NORM`` for the LayerNorm kernels
     (``ops.layer_norm``), ``TRANSNEXT_GLU`` for the GLU's GELU-product kernels
-    (``ops.gated_gelu``). ``auto`` (default): the Triton kernels while a CUDA graph is
+    (``ops.gated_gelu``, which also add the depthwise conv's bias),
+    ``TRANSNEXT_BIAS_GRAD`` for the Linear layers' bias gradients (``ops.column_sum``).
+    ``auto`` (default): the Triton kernels while a CUDA graph is
     recorded, PyTorch's ops otherwise; ``torch``: PyTorch's ops always; ``triton``: the
     kernels on every eager call (CPU tensors through triton's interpreter: tests). Why auto
     waits for a graph: the kernels save GPU time (the LayerNorm ones take a third of
@@ -210,11 +212,15 @@ class _JointLinears(torch.autograd.Function):
     def forward(ctx, x: Tensor, sizes: tuple[int, ...], *params: Tensor):
         dtype = _autocast_dtype(x.device.type) or x.dtype
         ws, bs = params[0::2], params[1::2]
-        w = torch.cat([t.reshape(n, -1) for t, n in zip(ws, sizes)]).to(dtype)
-        b = torch.cat(bs).to(dtype)
+        if len(ws) == 1:
+            w, b = ws[0].reshape(sizes[0], -1).to(dtype), bs[0].to(dtype)
+        else:
+            w = torch.cat([t.reshape(n, -1) for t, n in zip(ws, sizes)]).to(dtype)
+            b = torch.cat(bs).to(dtype)
         xc = x.to(dtype)
         ctx.save_for_backward(xc, w)
         ctx.meta = (x.dtype, sizes, [t.shape for t in ws], [t.dtype for t in ws])
+        ctx.column_sum = _kernels_run("TRANSNEXT_BIAS_GRAD", x)
         with _autocast_off(x.device):
             y = F.linear(xc, w, b)
         return tuple(y.split(sizes, dim=-1))
@@ -228,7 +234,11 @@ class _JointLinears(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])
         dx = (g @ w).to(x_dtype) if ctx.needs_input_grad[0] else None
         dw = (g2.t() @ xc.reshape(-1, xc.shape[-1])).split(sizes)
-        db = g2.sum(0).split(sizes)
+        if ctx.column_sum:
+            from ..ops.column_sum import column_sum
+            db = column_sum(g2).split(sizes)
+        else:
+            db = g2.sum(0).split(sizes)
         out = []
         for i, (n, shape, dt) in enumerate(zip(sizes, shapes, dtypes)):
             out += [dw[i].reshape(shape).to(dt), db[i].to(dt)]
@@ -245,6 +255,35 @@ def _joint_linears(x: Tensor, layers) -> tuple[Tensor, ...] | None:
             and not any(lyr._forward_hooks or lyr._forward_pre_hooks for lyr in layers)):
         return _JointLinears.apply(x, tuple(lyr.weight.shape[0] for lyr in layers), *params)
     return None
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _bias_grad_kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether a Linear layer's bias gradient is summed by ``ops.column_sum``
+    (``TRANSNEXT_BIAS_GRAD``): in training, where the kernels run."""
+    # _kernels_run first: it says no under FX, whose parameters are proxies here
+    return (_kernels_run("TRANSNEXT_BIAS_GRAD", x) and bias is not None
+            and torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad))
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)``; as a one-layer ``_JointLinears`` (same products, the
+    bias gradient by ``ops.column_sum``) where :func:`_bias_grad_kernel` says so."""
+    if _bias_grad_kernel(x, weight, bias):
+        return _JointLinears.apply(x, (weight.shape[0],), weight, bias)[0]
+    return F.linear(x, weight, bias)
+
+
+def _run_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)``, through :func:`_linear` where that is the same call (a plain Linear,
+    no hooks) and the bias-gradient kernel runs; else the module (FX traces keep it)."""
+    if (type(layer) is nn.Linear and not _hooked(layer)
+            and _bias_grad_kernel(x, layer.weight, layer.bias)):
+        return _JointLinears.apply(x, (layer.weight.shape[0],), layer.weight, layer.bias)[0]
+    return layer(x)
 
 
 def _tokens_to_map(x: Tensor, H: int, W: int) -> Tensor:
@@ -310,12 +349,16 @@ class DWConv(nn.Module):
         return _map_to_tokens(self.dwconv(_tokens_to_map(x, H, W)))
 
 
-def _fused_glu(c: Tensor, value: Tensor, approximate: str) -> bool:
-    """Whether ``ops.gated_gelu`` computes ``gelu(c) * value`` (``TRANSNEXT_GLU``): exact
-    GELU, contiguous operands of one dtype."""
-    return (approximate == "none" and c.dtype == value.dtype and c.shape == value.shape
-            and c.is_contiguous() and value.is_contiguous()
-            and _kernels_run("TRANSNEXT_GLU", c))
+def _glu_kernels(x: Tensor, approximate: str) -> bool:
+    """Whether the GLU kernels (``TRANSNEXT_GLU``) run on x now: then the depthwise conv runs
+    without its bias, which ``ops.gated_gelu`` adds (one pass less over the conv's output)."""
+    return approximate == "none" and _kernels_run("TRANSNEXT_GLU", x)
+
+
+def _fused_glu(c: Tensor, value: Tensor) -> bool:
+    """Whether ``ops.gated_gelu`` can read c and value: contiguous, one shape and dtype."""
+    return (c.dtype == value.dtype and c.shape == value.shape and c.is_contiguous()
+            and value.is_contiguous())
 
 
 class _GatedRecompute(torch.autograd.Function):
@@ -332,12 +375,16 @@ class _GatedRecompute(torch.autograd.Function):
         ctx.amp_dtype = _autocast_dtype(gate.device.type)
         ctx.geom = geom
         ctx.save_for_backward(gate, value, weight, bias)
-        c, _, _ = _GatedRecompute._conv(gate, weight, bias, geom)
+        # the kernels add the conv's bias themselves (where they cannot read c, it is added
+        # here instead, and the backward is PyTorch's)
+        ctx.fold = _glu_kernels(gate, geom[2])
+        c, _, _ = _GatedRecompute._conv(gate, weight, None if ctx.fold else bias, geom)
         c = _map_to_tokens(c)
-        ctx.fused = _fused_glu(c, value, geom[2])
-        if ctx.fused:
+        if ctx.fold and _fused_glu(c, value):
             from ..ops.gated_gelu import gated_gelu
-            return gated_gelu(c, value)
+            return gated_gelu(c, value, bias)
+        if ctx.fold:
+            c = c + bias.to(c.dtype)
         # GELU on the token view, as _gated does (the map layout rounds differently on CPUs)
         return F.gelu(c, approximate=geom[2]) * value
 
@@ -347,7 +394,7 @@ class _GatedRecompute(torch.autograd.Function):
         H, W, _, stride, padding, dilation, groups = geom
         m = _tokens_to_map(gate, H, W)
         w = weight.to(gate.dtype) if weight.dtype != gate.dtype else weight
-        b = bias.to(gate.dtype) if bias.dtype != gate.dtype else bias
+        b = bias.to(gate.dtype) if bias is not None and bias.dtype != gate.dtype else bias
         return F.conv2d(m, w, b, stride, padding, dilation, groups), m, w
 
     @staticmethod
@@ -358,17 +405,25 @@ class _GatedRecompute(torch.autograd.Function):
         with torch.no_grad():
             if ctx.amp_dtype is not None:  # the forward's operands were cast by autocast
                 gate = gate.to(ctx.amp_dtype)
-            c, m, w = _GatedRecompute._conv(gate, weight, bias, ctx.geom)
+            c, m, w = _GatedRecompute._conv(gate, weight, None if ctx.fold else bias, ctx.geom)
             c = _map_to_tokens(c)
-            if ctx.fused and _fused_glu(c, value, approximate):
+            fused = ctx.fold and _fused_glu(c, value)
+            if fused:  # the bias's gradient: the column sums of d_c (not the conv's)
+                from ..ops.column_sum import column_sum
                 from ..ops.gated_gelu import gated_gelu_backward
-                d_c, d_value = gated_gelu_backward(g, c, value)
+                d_c, d_value = gated_gelu_backward(g, c, value, bias)
+                d_b = column_sum(d_c) if need_b else None
             else:
+                if ctx.fold:
+                    c = c + bias.to(c.dtype)
                 d_value = g * F.gelu(c, approximate=approximate) if need_value else None
                 d_c = torch.ops.aten.gelu_backward(g * value, c, approximate=approximate)
-            d_map, d_w, d_b = torch.ops.aten.convolution_backward(
+            d_map, d_w, d_conv_b = torch.ops.aten.convolution_backward(
                 _tokens_to_map(d_c, H, W), m, w, [w.shape[0]], list(stride), list(padding),
-                list(dilation), False, [0, 0], groups, [need_gate, need_w, need_b])
+                list(dilation), False, [0, 0], groups,
+                [need_gate, need_w, need_b and not fused])
+            if not fused:
+                d_b = d_conv_b
         d_gate = None if d_map is None else _map_to_tokens(d_map)
         return (d_gate, d_value, None if d_w is None else d_w.to(weight.dtype),
                 None if d_b is None else d_b.to(bias.dtype), None)
@@ -397,11 +452,20 @@ class ConvolutionalGLU(nn.Module):
         self.recompute = recompute
 
     def _gated(self, gate: Tensor, value: Tensor, H: int, W: int) -> Tensor:
-        c = self.dwconv(gate, H, W)
-        if (_may_overwrite() and type(self.act) is nn.GELU
-                and _fused_glu(c, value, self.act.approximate)):  # no autograd needed
-            from ..ops.gated_gelu import gated_gelu
-            return gated_gelu(c, value, in_place=True)  # c is the conv's fresh output
+        conv = self.dwconv.dwconv
+        if (_may_overwrite() and type(self.act) is nn.GELU  # no autograd needed
+                and type(self.dwconv) is DWConv and not _hooked(self.dwconv, conv)
+                and conv.bias is not None and conv.padding_mode == "zeros"
+                and _glu_kernels(gate, self.act.approximate)):
+            # the conv without its bias, which the kernel adds
+            c = _map_to_tokens(F.conv2d(_tokens_to_map(gate, H, W), conv.weight, None,
+                                        conv.stride, conv.padding, conv.dilation, conv.groups))
+            if _fused_glu(c, value):
+                from ..ops.gated_gelu import gated_gelu
+                return gated_gelu(c, value, conv.bias, in_place=True)  # c: fresh, ours
+            c = c + conv.bias.to(c.dtype)
+        else:
+            c = self.dwconv(gate, H, W)
         gate = _gelu_fresh(self.act, c)
         return gate.mul_(value) if _may_overwrite() else gate * value
 
@@ -413,8 +477,8 @@ class ConvolutionalGLU(nn.Module):
         hidden = self.fc2.in_features
         w, b = self.fc1.weight, self.fc1.bias
         xg, xv = x if isinstance(x, tuple) else _cast_for_linears(x, 2)
-        gate = F.linear(xg, w[:hidden], b[:hidden])
-        value = F.linear(xv, w[hidden:], b[hidden:])
+        gate = _linear(xg, w[:hidden], b[:hidden])
+        value = _linear(xv, w[hidden:], b[hidden:])
         recompute = (not is_fx_tracing()  # checkpointing has no place in an FX graph
                      and (gate.is_cuda if self.recompute is None else self.recompute)
                      and self.training and torch.is_grad_enabled()
@@ -433,7 +497,7 @@ class ConvolutionalGLU(nn.Module):
             x = checkpoint(self._gated, gate, value, H, W, use_reentrant=False)
         else:
             x = self._gated(gate, value, H, W)
-        return self.drop(self.fc2(self.drop(x)))
+        return self.drop(_run_linear(self.fc2, self.drop(x)))
 
 
 class _PositionBias(nn.Module):
@@ -583,7 +647,7 @@ class AggregatedAttention(_PositionBias):
         if keep:
             out, self.weights = out
             self.weights_geometry = geo
-        return self.proj_drop(self.proj(out.reshape(B, N, C)))
+        return self.proj_drop(_run_linear(self.proj, out.reshape(B, N, C)))
 
 
 class Attention(_PositionBias):
@@ -609,12 +673,13 @@ class Attention(_PositionBias):
                 geo: StageGeometry) -> Tensor:
         x = x[0] if isinstance(x, tuple) else x
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
+        qkv = _run_linear(self.qkv, x)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
         out = full_attention(
             q, k, v, _position_bias(self, geo, x.device), self.query_embedding,
             self.temperature, attn_drop=self.attn_drop, training=self.training,
         )
-        return self.proj_drop(self.proj(out.reshape(B, N, C)))
+        return self.proj_drop(_run_linear(self.proj, out.reshape(B, N, C)))
 
 
 class Block(nn.Module):
