@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_launch import kernel, sm_count
+from .triton_launch import launch, sm_count
 
 # ----------------------------------------------------------------------------
 # kernels (plain functions; triton_launch.kernel() wraps them)
@@ -260,7 +260,7 @@ def _fwd_impl(value, spatial_shapes, level_start_index, sampling_locations, atte
         return out.zero_()
     D, BR, kw = _cfg("fwd", R, Dh, value)
     grid = (triton.cdiv(R, BR),)
-    kernel(_fwd_kernel, not value.is_cuda)[grid](
+    launch(_fwd_kernel, value, grid,
         value, shapes, starts, loc, aw, out, *value.stride(), R, Q * M, M,
         L=L, P=P, HEAD_D=Dh, D=D, BLOCK_R=BR, **kw)
     return out
@@ -288,7 +288,7 @@ def _bwd_impl(value, spatial_shapes, level_start_index, sampling_locations, atte
     # rather than empty tensors' null pointers
     kdv = dv if need_dv else dv.new_empty(1)
     kdloc, kdaw = (dloc, daw) if need_dla else (loc.new_empty(1), aw.new_empty(1))
-    kernel(_bwd_kernel, not value.is_cuda)[grid](
+    launch(_bwd_kernel, value, grid,
         value, shapes, starts, loc, aw, dout, kdv, kdloc, kdaw, *value.stride(), R, Q * M, M, S,
         L=L, P=P, HEAD_D=Dh, D=D, BLOCK_R=BR, NEED_DV=need_dv, NEED_DLA=need_dla, **kw)
     return dv.to(value.dtype), dloc, daw

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..tables import capturing
-from .triton_launch import kernel
+from .triton_launch import launch
 
 BLOCK_C = 512  # table columns (qw * Wk + kw) per program of the gradient fold
 SPREAD_BLOCK = (8, 256)  # (rows, columns) per program of the width spread
@@ -85,7 +85,7 @@ def expand_factored(table: Tensor, idx: Tensor, w: Tensor, q_hw, k_hw) -> Tensor
     if out.numel() == 0:
         return out
     J, npair = idx.shape
-    kernel(_expand_kernel, not table.is_cuda)[(N, h)](
+    launch(_expand_kernel, table, (N, h),
         table, idx, w if w.numel() else idx, out, table.stride(0), table.stride(1),
         npair, N, P, Wq, Hk, Wk, J=J, HAS_W=w.numel() > 0,
         HKP=triton.next_power_of_2(Hk), WKP=triton.next_power_of_2(Wk))
@@ -135,7 +135,7 @@ def reduce_factored_grad(dpb: Tensor, idx: Tensor, w: Tensor, rows: int, q_hw, k
     if dt.numel() == 0:
         return dt
     ptr, pair, wts = _rows_of(idx, w, rows, keep_rows)
-    kernel(_reduce_kernel, not dpb.is_cuda)[(rows, triton.cdiv(Wq * Wk, BLOCK_C), h)](
+    launch(_reduce_kernel, dpb, (rows, triton.cdiv(Wq * Wk, BLOCK_C), h),
         dpb, ptr, pair, wts if wts.numel() else ptr, dt, dt.stride(0), dt.stride(1),
         N, P, Wq, Hk, Wk, Wq * Wk, HAS_W=wts.numel() > 0, BLOCK=BLOCK_C)
     return dt
@@ -172,7 +172,7 @@ def _launch_spread(src: Tensor, idx: Tensor, w: Tensor | None, dst: Tensor, grad
     rows, u = table.shape[0] * table.shape[1], table.shape[2]
     J, C = idx.shape
     rb, cb = SPREAD_BLOCK
-    kernel(_spread_kernel, not src.is_cuda)[(triton.cdiv(C, cb), triton.cdiv(rows, rb))](
+    launch(_spread_kernel, src, (triton.cdiv(C, cb), triton.cdiv(rows, rb)),
         src, idx, idx if w is None else w, dst, rows, u, C, J=J, HAS_W=w is not None,
         GRAD=grad, RB=rb, CB=cb)
 

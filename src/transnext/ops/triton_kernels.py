@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .position_bias import FactoredBias
 from .position_bias_triton import expand_factored, reduce_factored_grad
-from .triton_launch import kernel, sm_count
+from .triton_launch import launch, sm_count
 
 _EPS = 1e-12  # F.normalize's eps
 
@@ -654,7 +654,6 @@ def _fwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     fk, (HK, WK) = _fact(pb_idx, pb_w, (pool_h, pool_w))
     B, N, h, d = q.shape
     P = k_pool.shape[1]
-    interp = not q.is_cuda
     D, BLOCK_N, BLOCK_P, kw = _cfg("fwd", N, P, d, q.is_cuda)
     out = torch.empty((B, N, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, h, N), dtype=torch.float32, device=q.device)
@@ -666,7 +665,7 @@ def _fwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
                                                    learnable_tokens, learnable_bias))
     grid = (triton.cdiv(N, BLOCK_N), B * h)
     al = _align(q, k, v, k_pool, v_pool)
-    kernel(_fwd_kernel, interp)[grid](
+    launch(_fwd_kernel, q, grid,
         q, k, v, k_pool, v_pool, pool_bias, pb_idx, pb_w, qe, temp, rbl, lt, lb, out, lse,
         ores if save_res else out,
         *_sd(q, al), *_sd(k, al), *_sd(v, al), *_sd(k_pool, al), *_sd(v_pool, al),
@@ -738,7 +737,7 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     else:
         dqe_f, dtemp_f, drbl_f, dlt_f, dlb_f = (torch.zeros(t.shape, **zf) for t in small)
 
-    kernel(_bwd_q_kernel, interp)[(n_tiles, h, G)](
+    launch(_bwd_q_kernel, q, (n_tiles, h, G),
         q, k, v, k_pool, v_pool, pool_bias, pb_idx, pb_w, qe, temp, rbl, lt, lb, out,
         out_res if out_res.numel() else out, lse, dout, dq, delta, dpb_f, dqe_f, dtemp_f, drbl_f,
         dlt_f, dlb_f,
@@ -750,7 +749,7 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
         SAVE_RES=out_res.numel() > 0, EXCL=excl, **fk, **kw,
     )
     D, BLOCK_N, _, kw = _cfg("bwd_kv_local", N, P, d, q.is_cuda)
-    kernel(_bwd_kv_local_kernel, interp)[(triton.cdiv(N, BLOCK_N), B * h)](
+    launch(_bwd_kv_local_kernel, q, (triton.cdiv(N, BLOCK_N), B * h),
         q, k, v, qe, temp, rbl, lt, lb, lse, delta, dout, dk, dv,
         *_sd(q, al), *_sd(k, al), *_sd(v, al), *_sd(dout, al),
         N, P, H, W, h,
@@ -771,7 +770,7 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
         dvp_p = torch.empty((split, B, P, h, D), dtype=f32, device=dev)
     else:
         dkph_p = dvp_p = dkp  # unused
-    kernel(_bwd_kv_pool_kernel, interp)[(p_tiles, B * h, split)](
+    launch(_bwd_kv_pool_kernel, q, (p_tiles, B * h, split),
         q, k_pool, v_pool, pool_bias, pb_idx, pb_w, qe, temp, lse, delta, dout, dkp, dvp,
         dkph_p, dvp_p,
         *_sd(q, al), *_sd(k_pool, al), *_sd(v_pool, al), *_strides(pool_bias), *_sd(dout, al),

@@ -25,16 +25,20 @@ def kernel(fn, interpret: bool):
     return k
 
 
-def launch(fn, like, grid, *args, **meta) -> None:
-    """``fn[grid](*args, **meta)``, compiled on ``like``'s GPU (triton launches on the current
-    device) or interpreted for a CPU tensor (``meta``, e.g. num_warps, is for the compiler)."""
+_OPTIONS = ("num_warps", "num_stages")  # for the compiler; the interpreter takes none
+
+
+def launch(fn, like, grid, *args, **kwargs) -> None:
+    """``fn[grid](*args, **kwargs)``, compiled on ``like``'s GPU (triton launches on the
+    current device) or interpreted for a CPU tensor (without the compiler's options,
+    num_warps and num_stages; constexprs may come as keywords)."""
     if not like.is_cuda:
-        kernel(fn, True)[grid](*args)
+        kernel(fn, True)[grid](*args, **{k: v for k, v in kwargs.items() if k not in _OPTIONS})
     elif like.device.index == torch.cuda.current_device():
-        kernel(fn, False)[grid](*args, **meta)
+        kernel(fn, False)[grid](*args, **kwargs)
     else:
         with torch.cuda.device(like.device):
-            kernel(fn, False)[grid](*args, **meta)
+            kernel(fn, False)[grid](*args, **kwargs)
 
 
 def sm_count(dev) -> int:
