@@ -182,7 +182,7 @@ def test_hooked_norm_keeps_its_module(monkeypatch):
 def test_hooked_linear_and_conv_keep_their_modules(monkeypatch):
     """With every kernel on, a hooked Linear (training: the bias-gradient path) and a hooked
     depthwise conv (inference: the GLU path that adds the conv's bias) still run their
-    modules and hooks; the unhooked layers beside them take the kernels' paths."""
+    modules and hooks."""
     for var in ("TRANSNEXT_LAYER_NORM", "TRANSNEXT_GLU", "TRANSNEXT_BIAS_GRAD"):
         monkeypatch.setenv(var, "triton")
     # no GLU recompute (the CUDA default): its hooked-conv fallback, a checkpoint, would run

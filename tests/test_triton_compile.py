@@ -117,9 +117,9 @@ def _gated_gelu_cases():
     for dtype in ("bf16", "fp32"):
         t = {n: f"*{dtype}" for n in ("C", "V", "OUT", "G", "DC", "DV")}
         for bias in (False, True):  # with the depthwise conv's bias (fp32)
-            yield f"glu_fwd-{dtype}-bias{int(bias)}", gg._fwd_kernel, dict(
+            yield f"glu_fwd-{dtype}-bias{int(bias)}", gg._glu_fwd_kernel, dict(
                 HAS_BIAS=bias, BLOCK=gg.BLOCK), t
-            yield f"glu_bwd-{dtype}-bias{int(bias)}", gg._bwd_kernel, dict(
+            yield f"glu_bwd-{dtype}-bias{int(bias)}", gg._glu_bwd_kernel, dict(
                 HAS_BIAS=bias, BLOCK=gg.BLOCK), t
 
 

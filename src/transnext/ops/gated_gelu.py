@@ -28,7 +28,7 @@ _RSQRT2 = tl.constexpr(0.7071067811865476)  # kernels read globals only as const
 _RSQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
-def _fwd_kernel(C, V, BIAS, OUT, n, width, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _glu_fwd_kernel(C, V, BIAS, OUT, n, width, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     c = tl.load(C + offs, mask=ok, other=0.0).to(tl.float32)
@@ -39,7 +39,8 @@ def _fwd_kernel(C, V, BIAS, OUT, n, width, HAS_BIAS: tl.constexpr, BLOCK: tl.con
     tl.store(OUT + offs, (gelu * v).to(OUT.dtype.element_ty), mask=ok)
 
 
-def _bwd_kernel(G, C, V, BIAS, DC, DV, n, width, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _glu_bwd_kernel(G, C, V, BIAS, DC, DV, n, width, HAS_BIAS: tl.constexpr,
+                    BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
@@ -88,7 +89,7 @@ def gated_gelu(c: Tensor, v: Tensor, bias: Tensor | None = None,
         raise ValueError("gated_gelu takes two contiguous tensors of one shape and dtype, got "
                          f"{tuple(c.shape)} {c.dtype} and {tuple(v.shape)} {v.dtype}")
     out = c if in_place else torch.empty_like(c)
-    _launch(_fwd_kernel, c, bias, c, v, _bias(c, bias), out)
+    _launch(_glu_fwd_kernel, c, bias, c, v, _bias(c, bias), out)
     return out
 
 
@@ -102,7 +103,7 @@ def gated_gelu_backward(g: Tensor, c: Tensor, v: Tensor,
                          f"{c.dtype}, {tuple(v.shape)} {v.dtype}")
     g = g.contiguous()
     dc, dv = torch.empty_like(c), torch.empty_like(v)
-    _launch(_bwd_kernel, c, bias, g, c, v, _bias(c, bias), dc, dv)
+    _launch(_glu_bwd_kernel, c, bias, g, c, v, _bias(c, bias), dc, dv)
     return dc, dv
 
 
