@@ -8,11 +8,20 @@ Skipped where this Triton has no NVIDIA backend (its bundled ptxas).
 from __future__ import annotations
 
 import inspect
+import os
 
 import pytest
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
+
+# Where an earlier test module imported triton with its interpreter (TRITON_INTERPRET=1),
+# triton.language's functions are the interpreter's and the compiler fails on them; the
+# cases then run in a child process without it (test_compile_in_subprocess).
+_CHILD = "TRANSNEXT_TRITON_COMPILE_TEST_CHILD"
+INTERPRETING = type(tl.sum).__name__ == "InterpretedFunction"
+here = pytest.mark.skipif(INTERPRETING, reason="triton's interpreter is active in this "
+                          "process; test_compile_in_subprocess runs these")
 
 
 def _target():
@@ -138,6 +147,7 @@ CASES = [*_attention_cases(), *_bias_cases(), *_msda_cases(), *_layer_norm_cases
          *_gated_gelu_cases(), *_column_sum_cases()]
 
 
+@here
 @pytest.mark.parametrize("name,fn,consts,types", CASES, ids=[c[0] for c in CASES])
 def test_kernel_compiles_for_sm90(name, fn, consts, types):
     k = _compile(fn, consts, types)
@@ -147,6 +157,7 @@ def test_kernel_compiles_for_sm90(name, fn, consts, types):
         assert "red.global" in ptx or "atom.global" in ptx, name
 
 
+@here
 def test_compile_check_rejects_what_the_compiler_rejects():
     """The check is real: a kernel that does not type (a pointer stored as a value) fails,
     the same kernel without that line compiles."""
@@ -164,3 +175,12 @@ def test_compile_check_rejects_what_the_compiler_rejects():
     _compile(good, dict(BLOCK=16), {"N": "i32"})
     with pytest.raises(CompilationError):
         _compile(bad, dict(BLOCK=16), {"N": "i32"})
+
+
+@pytest.mark.skipif(not INTERPRETING or os.environ.get(_CHILD) == "1",
+                    reason="the cases run in this process")
+def test_compile_in_subprocess():
+    _target()  # skips where this Triton has no NVIDIA backend
+    from triton_env import run_in_interpreter
+
+    run_in_interpreter(__file__, _CHILD, interpret=False)

@@ -50,11 +50,16 @@ def interpreter_problem() -> str | None:
     return why
 
 
-def run_in_interpreter(test_file: str, flag: str) -> None:
+def run_in_interpreter(test_file: str, flag: str, interpret: bool = True) -> None:
     """Run ``test_file``'s tests in a child pytest with TRITON_INTERPRET=1 (and ``flag``=1, so
     the child does not recurse): for CPU cases whose module found triton imported without
-    the interpreter (triton picks interpreted or compiled kernels at ``import triton``)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", **{flag: "1"})
+    the interpreter (triton picks interpreted or compiled kernels at ``import triton``).
+    ``interpret=False``: the child runs without the interpreter (what compiling needs)."""
+    env = dict(os.environ, **{flag: "1"})
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                         test_file], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
