@@ -163,6 +163,10 @@ def _kernels_run(var: str, x: Tensor) -> bool:
     return x.dtype != torch.float64
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def _norm_kernel_ok(norm: nn.LayerNorm, x: Tensor, own_call: bool = False) -> bool:
     """Whether ``ops.layer_norm`` normalises x for ``norm``. ``own_call``: called from
     norm's own forward, so its hooks run anyway (else a hooked norm keeps its module)."""
@@ -170,7 +174,7 @@ def _norm_kernel_ok(norm: nn.LayerNorm, x: Tensor, own_call: bool = False) -> bo
         return False
     if (norm.weight is None or norm.bias is None or len(norm.normalized_shape) != 1
             or x.shape[-1] != norm.normalized_shape[0]
-            or (not own_call and (norm._forward_hooks or norm._forward_pre_hooks))):
+            or (not own_call and _hooked(norm))):
         return False
     from ..ops import layer_norm as ln  # triton is imported on first use only
     return x.shape[-1] <= ln.MAX_WIDTH
@@ -252,13 +256,9 @@ def _joint_linears(x: Tensor, layers) -> tuple[Tensor, ...] | None:
     params = [t for lyr in layers for t in (lyr.weight, lyr.bias)]
     if (torch.is_grad_enabled() and not is_fx_tracing() and not torch.compiler.is_compiling()
             and all(t is not None for t in params) and any(t.requires_grad for t in params)
-            and not any(lyr._forward_hooks or lyr._forward_pre_hooks for lyr in layers)):
+            and not _hooked(*layers)):
         return _JointLinears.apply(x, tuple(lyr.weight.shape[0] for lyr in layers), *params)
     return None
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def _bias_grad_kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -451,15 +451,27 @@ class ConvolutionalGLU(nn.Module):
         self.drop = nn.Dropout(drop)
         self.recompute = recompute
 
+    def _plain_conv(self) -> bool:
+        """An exact GELU and a plain depthwise conv (bias, zero padding, no hooks): what
+        ``_GatedRecompute`` and the GLU kernels compute themselves."""
+        conv = self.dwconv.dwconv
+        return (type(self.act) is nn.GELU and conv.bias is not None
+                and conv.padding_mode == "zeros" and not _hooked(conv))
+
+    def _geom(self, H: int, W: int) -> tuple:
+        """``_GatedRecompute``'s geom: the map size, GELU's approximation, the conv's."""
+        conv = self.dwconv.dwconv
+        return (H, W, self.act.approximate, conv.stride, conv.padding, conv.dilation,
+                conv.groups)
+
     def _gated(self, gate: Tensor, value: Tensor, H: int, W: int) -> Tensor:
         conv = self.dwconv.dwconv
-        if (_may_overwrite() and type(self.act) is nn.GELU  # no autograd needed
-                and type(self.dwconv) is DWConv and not _hooked(self.dwconv, conv)
-                and conv.bias is not None and conv.padding_mode == "zeros"
+        if (_may_overwrite() and self._plain_conv()  # no autograd needed
+                and type(self.dwconv) is DWConv and not _hooked(self.dwconv)
                 and _glu_kernels(gate, self.act.approximate)):
             # the conv without its bias, which the kernel adds
-            c = _map_to_tokens(F.conv2d(_tokens_to_map(gate, H, W), conv.weight, None,
-                                        conv.stride, conv.padding, conv.dilation, conv.groups))
+            c = _map_to_tokens(_GatedRecompute._conv(gate, conv.weight, None,
+                                                     self._geom(H, W))[0])
             if _fused_glu(c, value):
                 from ..ops.gated_gelu import gated_gelu
                 return gated_gelu(c, value, conv.bias, in_place=True)  # c: fresh, ours
@@ -484,15 +496,10 @@ class ConvolutionalGLU(nn.Module):
                      and self.training and torch.is_grad_enabled()
                      and (gate.requires_grad or value.requires_grad))
         conv = self.dwconv.dwconv
-        if recompute and (
-                # graphs keep checkpoint (what torch.compile has run on the GPU); so does a
-                # hooked or replaced module
-                not torch.compiler.is_compiling() and type(self.act) is nn.GELU
-                and conv.bias is not None and conv.padding_mode == "zeros"
-                and not conv._forward_hooks and not conv._forward_pre_hooks):
-            x = _GatedRecompute.apply(gate, value, conv.weight, conv.bias, (
-                H, W, self.act.approximate, conv.stride, conv.padding, conv.dilation,
-                conv.groups))
+        # graphs keep checkpoint (what torch.compile has run on the GPU); so does a hooked or
+        # replaced module
+        if recompute and not torch.compiler.is_compiling() and self._plain_conv():
+            x = _GatedRecompute.apply(gate, value, conv.weight, conv.bias, self._geom(H, W))
         elif recompute:
             x = checkpoint(self._gated, gate, value, H, W, use_reentrant=False)
         else:
