@@ -91,16 +91,25 @@ def _no_attention(q, k, v, k_pool, v_pool, pool_bias, *args, **kwargs):
     return q + k + v + (rest * 0).to(q.dtype)
 
 
+def _no_attention_packed(qkv, *args, **kwargs):
+    """The same for the op's packed form (q, k, v in one tensor: Triton training)."""
+    return _no_attention(*qkv.unbind(2), *args, **kwargs)
+
+
 @contextlib.contextmanager
 def _attention_skipped(on: bool):
     import transnext.models.transnext as tm
-    real = tm.aggregated_attention
+    # (getattr: an older checkout under TRANSNEXT_SRC may not have the packed op)
+    real = tm.aggregated_attention, getattr(tm, "aggregated_attention_packed", None)
     if on:
-        tm.aggregated_attention = _no_attention
+        tm.aggregated_attention, tm.aggregated_attention_packed = (_no_attention,
+                                                                   _no_attention_packed)
     try:
         yield
     finally:
-        tm.aggregated_attention = real
+        tm.aggregated_attention = real[0]
+        if real[1] is not None:
+            tm.aggregated_attention_packed = real[1]
 
 
 def bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device, img_size,
@@ -212,13 +221,14 @@ def _step_costs(step, device: str, iters: int) -> dict:
 
 
 def profile_step(name, variant, H, W, batch, device, img_size, out: str, rows: int,
-                 by_shape: bool = False) -> str:
-    """Top operators of two training steps by device (or CPU) time, written to ``out``;
-    ``by_shape``: one row per operator and input shapes (e.g. which reductions are slow)."""
+                 by_shape: bool = False, mode: str = "train") -> str:
+    """Top operators of two training (or inference) steps by device (or CPU) time, written
+    to ``out``; ``by_shape``: one row per operator and input shapes (e.g. which reductions
+    are slow)."""
     from torch.profiler import ProfilerActivity, profile
 
     label, model, (h, w) = make_backbone(name, variant, H, W, img_size)
-    model = model.to(device).train()
+    model = model.to(device).train(mode == "train")
     x = torch.randn(batch, 3, h, w, device=device)
     if device == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -227,6 +237,10 @@ def profile_step(name, variant, H, W, batch, device, img_size, out: str, rows: i
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
     def step():
+        if mode != "train":
+            with torch.inference_mode(), amp:
+                model(x)
+            return
         with amp:
             loss = sum(f.float().square().mean() for f in model(x))
         loss.backward()
@@ -246,12 +260,33 @@ def profile_step(name, variant, H, W, batch, device, img_size, out: str, rows: i
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     table = prof.key_averages(group_by_input_shape=by_shape)
     wide = dict(max_name_column_width=40, max_shapes_column_width=70) if by_shape else {}
-    text = (f"{label} {H}x{W} batch {batch}, two training steps, {device}\n"
+    what = "training" if mode == "train" else "inference"
+    text = (f"{label} {H}x{W} batch {batch}, two {what} steps, {device}\n"
             + table.table(sort_by=key, row_limit=rows, **wide)
             + "\nThe same, by number of calls (host work per step: launches)\n"
             + table.table(sort_by="count", row_limit=rows))
     Path(out).write_text(text)
     return text
+
+
+def _set_tune(item: str) -> tuple[str, object]:
+    """Apply one ``--kernel-tune ENTRY=JSON``; returns (entry, what it now is)."""
+    from transnext.ops import triton_kernels as tk
+
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--kernel-tune {item!r} is not ENTRY=JSON")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--kernel-tune {item!r}: the value is not JSON ({e.msg})") from None
+    if value is None:
+        tk.TUNE.pop(key, None)
+    elif isinstance(value, dict) and isinstance(tk.TUNE.get(key), dict):
+        tk.TUNE[key] = {**tk.TUNE[key], **value}
+    else:
+        tk.TUNE[key] = value
+    return key, tk.TUNE.get(key)
 
 
 def main(argv=None) -> list[dict]:
@@ -277,8 +312,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", default=None, metavar="FILE",
-                   help="instead of timing: profile the first model/variant/shape's training "
-                        "step and write the op table here")
+                   help="instead of timing: profile the first model/variant/shape's step "
+                        "(the first of --modes) and write the op table here")
     p.add_argument("--profile-rows", type=int, default=40)
     p.add_argument("--profile-by-shape", action="store_true",
                    help="with --profile: one row per operator and input shapes")
@@ -286,8 +321,16 @@ def main(argv=None) -> list[dict]:
                    help="also measure host enqueue ms, GPU kernel ms and kernels per step")
     p.add_argument("--floor", action="store_true",
                    help="also time each TransNeXt row with its attention op skipped (a bound)")
+    p.add_argument("--kernel-tune", action="append", default=[], metavar="ENTRY=JSON",
+                   help="change an entry of transnext.ops.triton_kernels.TUNE for this run "
+                        "(repeatable): a dict is merged into the entry, null removes it; e.g. "
+                        "fwd_small=null or 'fwd={\"num_stages\": 2}'")
     p.add_argument("--out", default="benchmarks/results/dense.json")
     args = p.parse_args(argv)
+    try:
+        tuned = [_set_tune(item) for item in args.kernel_tune]
+    except ValueError as e:
+        p.error(str(e))
 
     dev = args.device
     if dev == "cuda":
@@ -298,7 +341,8 @@ def main(argv=None) -> list[dict]:
     if args.profile:
         H, W, batch = shapes[0]
         print(profile_step(args.models[0], args.variants[0], H, W, batch, dev, args.img_size,
-                           args.profile, args.profile_rows, args.profile_by_shape))
+                           args.profile, args.profile_rows, args.profile_by_shape,
+                           args.modes[0]))
         return []
     modes = {"eager": [False], "compiled": [True], "graphs": ["graphs"], "both": [False, True]}
     compiled = [c for m in args.compile for c in modes[m]]
@@ -307,7 +351,8 @@ def main(argv=None) -> list[dict]:
     env = dict(device=torch.cuda.get_device_name() if dev == "cuda" else platform.processor()
                or platform.machine(), torch=torch.__version__, python=platform.python_version(),
                compile_mode=args.compile_mode, compile_how=args.compile_how,
-               settings={k: v for k, v in os.environ.items() if k.startswith("TRANSNEXT_")})
+               settings={k: v for k, v in os.environ.items() if k.startswith("TRANSNEXT_")},
+               kernel_tune=dict(tuned))
     rows = []
     for H, W, batch in shapes:
         for mode in args.modes:

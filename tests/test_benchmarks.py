@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -122,15 +124,16 @@ def test_bench_dense_floor_skips_only_the_attention_op(tmp_path):
     import transnext.models.transnext as tm
 
     torch = bench_dense.torch
-    real = tm.aggregated_attention
+    real = tm.aggregated_attention, tm.aggregated_attention_packed
     torch.manual_seed(0)
     model = timm.create_model("transnext_micro", features_only=True).train()
     x = torch.randn(1, 3, 64, 64)
     with bench_dense._attention_skipped(True):
-        assert tm.aggregated_attention is not real
+        assert tm.aggregated_attention is not real[0]
+        assert tm.aggregated_attention_packed is not real[1]
         skipped = model(x)
         sum(f.square().mean() for f in skipped).backward()
-    assert tm.aggregated_attention is real
+    assert (tm.aggregated_attention, tm.aggregated_attention_packed) == real
     names = {n: p for n, p in model.named_parameters()}
     for key in ("attn.kv.weight", "attn.sr.weight", "attn.norm.weight", "attn.cpb_fc1.weight",
                 "attn.q.weight", "mlp.fc1.weight"):
@@ -155,6 +158,39 @@ def test_bench_dense_floor_skips_only_the_attention_op(tmp_path):
     assert "host ms | GPU ms | kernels |" in stdout
     for r in rows:
         assert r["host_ms"] > 0 and r["gpu_ms"] is None and r["kernels"] is None, r
+
+
+def test_bench_dense_kernel_tune_and_inference_profile(tmp_path):
+    """--kernel-tune changes an entry of triton_kernels.TUNE for the run (merged, or removed
+    with null) and refuses a malformed one; --profile with --modes infer profiles inference."""
+    import copy
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_dense
+    finally:
+        sys.path.pop(0)
+    from transnext.ops import triton_kernels as tk
+
+    saved = copy.deepcopy(tk.TUNE)
+    try:
+        assert bench_dense._set_tune('fwd={"num_stages": 3}') == (
+            "fwd", {**saved["fwd"], "num_stages": 3})
+        assert bench_dense._set_tune("fwd_small=null") == ("fwd_small", None)
+        assert "fwd_small" not in tk.TUNE
+        with pytest.raises(ValueError, match="not ENTRY=JSON"):
+            bench_dense._set_tune("fwd")
+        with pytest.raises(ValueError, match="not JSON"):
+            bench_dense._set_tune("fwd={num")
+    finally:
+        tk.TUNE.clear()
+        tk.TUNE.update(saved)
+    prof = tmp_path / "prof.txt"
+    _run(["benchmarks/bench_dense.py", "--device", "cpu", "--models", "transnext_micro",
+          "--variants", "extrap", "--shapes", "32x32:1", "--modes", "infer", "--profile",
+          str(prof), "--profile-rows", "5", "--kernel-tune", 'fwd={"num_stages": 3}'])
+    text = prof.read_text()
+    assert "two inference steps" in text and "convolution" in text
 
 
 def test_bench_det_and_seg_write_rows_and_ratios(tmp_path):

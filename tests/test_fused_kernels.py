@@ -202,6 +202,29 @@ def test_hooked_linear_and_conv_keep_their_modules(monkeypatch):
     assert seen == ["proj", "dwconv", "fc2"]
 
 
+@here
+def test_linear_functions_take_strided_output_gradients(monkeypatch):
+    """_JointLinears (one output: its gradient is used as is) and _SplitLinear with the
+    bias-gradient kernel, given a transposed output gradient (rows not contiguous): the
+    gradients of F.linear on the same slices."""
+    import transnext.models.transnext as T
+
+    monkeypatch.setenv("TRANSNEXT_BIAS_GRAD", "triton")
+    g0 = torch.Generator().manual_seed(3)
+    x, w, b = (torch.randn(*s, generator=g0).to(DEV).requires_grad_()
+               for s in ((6, 16), (12, 16), (12,)))
+    gout = torch.randn(12, 6, generator=g0).to(DEV)  # y.t()'s gradient: y's is transposed
+    y_ref = torch.nn.functional.linear(x, w, b)
+    want = torch.autograd.grad(y_ref.t(), (x, w, b), gout)
+    y = T._JointLinears.apply(x, (12,), False, w, b)[0]
+    for a, r in zip(torch.autograd.grad(y.t(), (x, w, b), gout), want):
+        assert _rel(a, r) < 1e-6
+    ya, yb = T._SplitLinear.apply((5, 7), w, b, x, x)
+    got = torch.autograd.grad(torch.cat([ya, yb], 1).t(), (x, w, b), gout)
+    for a, r in zip(got, want):
+        assert _rel(a, r) < 1e-6
+
+
 # ---- the GLU's gelu(c) * v --------------------------------------------------------
 
 @here

@@ -830,6 +830,11 @@ def test_linears_share_one_16bit_copy_under_autocast_same_numbers():
 
 def _attention_step(joint: bool, amp: bool):
     """One aggregated-attention Block's training step: output, grads, non-view ops run."""
+    return _block_step(amp, **({} if joint else {"_joint_linears": lambda x, layers: None}))
+
+
+def _block_step(amp: bool, **patches):
+    """``_attention_step`` with these attributes of ``transnext.models.transnext`` replaced."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import transnext.models.transnext as T
@@ -845,9 +850,9 @@ def _attention_step(joint: bool, amp: bool):
             Count.n += func.__name__.split(".")[0] not in views
             return func(*args, **(kwargs or {}))
 
-    orig = T._joint_linears
-    if not joint:
-        T._joint_linears = lambda x, layers: None
+    orig = {name: getattr(T, name) for name in patches}
+    for name, fn in patches.items():
+        setattr(T, name, fn)
     try:
         torch.manual_seed(0)
         blk = perturb(T.Block(32, 2, 4, 2, glu_recompute=False), 1).train()
@@ -864,7 +869,8 @@ def _attention_step(joint: bool, amp: bool):
         return y.detach(), {"x": x.grad, **{n: p.grad for n, p in blk.named_parameters()}}, \
             Count.n
     finally:
-        T._joint_linears = orig
+        for name, fn in orig.items():
+            setattr(T, name, fn)
 
 
 def test_attention_projections_as_one_product_in_training():
@@ -885,6 +891,33 @@ def test_attention_projections_as_one_product_in_training():
         assert g1[n].dtype == g0[n].dtype, n
         err = (g1[n] - g0[n]).norm() / g0[n].norm().clamp_min(1e-6)
         assert err < 2e-2, (n, err.item())
+
+
+def _fc1_by_slices(xs, weight, bias, sizes):
+    """The GLU's fc1 as F.linear on slices of its parameters (autograd scatters their
+    gradients into zeros and adds them)."""
+    out, start = [], 0
+    for x, n in zip(xs, sizes):
+        out.append(torch.nn.functional.linear(x, weight[start:start + n], bias[start:start + n]))
+        start += n
+    return tuple(out)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_glu_fc1_halves_as_one_function_in_training(amp):
+    """Eager training runs the GLU's fc1 halves as one ``_SplitLinear``, which writes the
+    weight's and bias's gradients whole: the slices' numbers (forward and input gradient
+    equal, parameter gradients to summation order) in fewer ops per step."""
+    y0, g0, n0 = _block_step(amp, _split_linear=_fc1_by_slices)
+    y1, g1, n1 = _block_step(amp)
+    assert torch.equal(y1, y0)
+    assert torch.equal(g1["x"], g0["x"])
+    # per parameter, two slice_backwards (each a zero fill and a copy) and an add fewer
+    assert n0 - n1 >= 4, (n0, n1)
+    for n in g0:
+        assert g1[n].dtype == g0[n].dtype, n
+        err = (g1[n] - g0[n]).norm() / g0[n].norm().clamp_min(1e-6)
+        assert err < (2e-3 if amp else 1e-6), (n, err.item())
 
 
 def test_autocast_availability_as_torch_says():

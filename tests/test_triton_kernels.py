@@ -234,6 +234,72 @@ def test_pool_bias_grad_register_path(monkeypatch):
     check_case(3, 5, 6, 2, 24, 7, torch.float32)
 
 
+def check_packed(B, H, W, h, d, P, dtype=torch.float32, factored=False, seed=0):
+    """``aggregated_attention_packed`` (q, k, v in one (B, N, 3, h, d) tensor, the layout of
+    the model's joint q/kv product) against the reference on the three views: forward and
+    gradients, the qkv gradient one contiguous tensor the kernels wrote (no stack or cat)."""
+    from transnext.ops.aggregated_attention import aggregated_attention_packed
+
+    N = H * W
+    _, views = make_inputs(B, H, W, h, d, P, dtype, seed=seed)
+    rest = views()[3:]
+    if factored:
+        rest[2] = make_factored(H, W, h, (P, 1), 2, True, seed)
+    g = torch.Generator().manual_seed(seed + 3)
+    # a (B, N, 3C) product viewed as (B, N, 3, h, d)
+    qkv = torch.randn(B, N, 3 * h * d, generator=g).to(DEV, dtype).requires_grad_()
+    out = aggregated_attention_packed(qkv.view(B, N, 3, h, d), *rest, H, W, 3,
+                                      backend="triton")
+    ref_qkv = qkv.detach().float().requires_grad_()
+    ref_rest = [x.detach().float().requires_grad_() if isinstance(x, torch.Tensor) else x
+                for x in rest]
+    if factored:
+        ref_rest[2] = ref_rest[2]._replace(table=rest[2].table.detach().requires_grad_())
+    bias = ref_rest[2].dense() if factored else ref_rest[2]
+    ref = aggregated_attention_reference(*ref_qkv.view(B, N, 3, h, d).unbind(2), *ref_rest[:2],
+                                         bias, *ref_rest[3:], H, W, 3)
+    ftol, gtol = TOL[dtype]
+    assert _rel(out, ref) < ftol
+    gout = torch.randn(B, N, h, d, generator=torch.Generator().manual_seed(seed + 1))
+    of = [qkv] + [t.table if i == 2 and factored else t for i, t in enumerate(rest)]
+    ref_of = [ref_qkv] + [t.table if i == 2 and factored else t
+                          for i, t in enumerate(ref_rest)]
+    assert out.grad_fn.name().endswith("_PackedAttentionFnBackward")
+    g_tri = torch.autograd.grad(out, of, gout.to(DEV, dtype), retain_graph=True)
+    g_ref = torch.autograd.grad(ref, ref_of, gout.to(DEV))
+    for name, a, b in zip(["qkv"] + NAMES[3:], g_tri, g_ref):
+        assert a.shape == b.shape, name
+        e = _rel(a, b)
+        assert e < gtol, f"grad {name}: rel err {e:.2e}"
+    # the view's backward only reshapes: the kernels wrote the one (B, N, 3, h, d) gradient
+    (dqkv,) = torch.autograd.grad(out, qkv, gout.to(DEV, dtype))
+    assert dqkv.is_contiguous() and dqkv.shape == (B, N, 3 * h * d)
+
+
+@needs_here
+@pytest.mark.parametrize("factored", [False, True], ids=["dense", "factored"])
+def test_packed_qkv_matches_reference(factored):
+    check_packed(2, 5, 7, 2, 24, 6, factored=factored)
+    check_packed(1, 3, 1, 3, 32, 2)  # d = 32: no padded lanes
+
+
+@needs_here
+def test_packed_qkv_without_autograd_is_the_plain_op():
+    """Inference (no gradient needed) runs the plain op on the three views."""
+    from transnext.ops.aggregated_attention import aggregated_attention_packed
+
+    B, H, W, h, d, P = 2, 4, 5, 2, 24, 3
+    leaves, views = make_inputs(B, H, W, h, d, P)
+    vt = views()
+    qkv = torch.stack(vt[:3], 2).detach()
+    with torch.no_grad():
+        got = aggregated_attention_packed(qkv, *vt[3:], H, W, 3, backend="triton")
+        want = aggregated_attention(*qkv.unbind(2), *vt[3:], H, W, 3, backend="triton")
+        ref = aggregated_attention_packed(qkv, *vt[3:], H, W, 3, backend="reference")
+    assert torch.equal(got, want)
+    assert _rel(got, ref) < 1e-4
+
+
 @needs_here
 def test_custom_op_autograd_matches_reference():
     """The custom-op path (what torch.compile uses) has the same forward and gradients."""
@@ -456,6 +522,13 @@ GPU_CASES = [  # real-ish stage shapes
 def test_cuda_real_shapes(case, dtype):
     B, H, W, h, d, P, win, nc = case
     check_case(B, H, W, h, d, P, dtype, win, nc)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_packed_real_shapes(dtype):
+    check_packed(2, 56, 56, 3, 24, 49, dtype)  # Tiny stage 1 @224
+    check_packed(2, 32, 32, 12, 24, 256, dtype, factored=True)  # stage 3 @512
 
 
 @cuda_only

@@ -24,7 +24,7 @@ from timm.models._features import feature_take_indices
 
 from ..ops import aggregated_attention, full_attention
 from ..ops.aggregated_attention import _interpreting as _triton_interpreting
-from ..ops.aggregated_attention import resolve_backend
+from ..ops.aggregated_attention import aggregated_attention_packed, resolve_backend
 from ..tables import capturing
 from .archs import ARCHS, PRETRAIN_SIZE
 from . import symbolic_tables
@@ -213,7 +213,8 @@ class _JointLinears(torch.autograd.Function):
     CPU; docs/dense_speed.md, round 6)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, sizes: tuple[int, ...], *params: Tensor):
+    def forward(ctx, x: Tensor, sizes: tuple[int, ...], whole: bool, *params: Tensor):
+        # whole: the product as one output (the attention op takes q and kv packed)
         dtype = _autocast_dtype(x.device.type) or x.dtype
         ws, bs = params[0::2], params[1::2]
         if len(ws) == 1:
@@ -227,14 +228,19 @@ class _JointLinears(torch.autograd.Function):
         ctx.column_sum = _kernels_run("TRANSNEXT_BIAS_GRAD", x)
         with _autocast_off(x.device):
             y = F.linear(xc, w, b)
-        return tuple(y.split(sizes, dim=-1))
+        return (y,) if whole else tuple(y.split(sizes, dim=-1))
 
     @staticmethod
     def backward(ctx, *grads):
         xc, w = ctx.saved_tensors
         x_dtype, sizes, shapes, dtypes = ctx.meta
-        g = torch.cat([gi if gi is not None else xc.new_zeros((*xc.shape[:-1], n))
-                       for gi, n in zip(grads, sizes)], dim=-1).to(xc.dtype)
+        if len(grads) == 1 and grads[0] is not None:  # one output: a cat would copy it
+            g = grads[0].to(xc.dtype)
+            if g.stride(-1) != 1:  # e.g. a transpose's gradient; the column sum reads rows
+                g = g.contiguous()
+        else:
+            g = torch.cat([gi if gi is not None else xc.new_zeros((*xc.shape[:-1], n))
+                           for gi, n in zip(grads, sizes)], dim=-1).to(xc.dtype)
         g2 = g.reshape(-1, g.shape[-1])
         dx = (g @ w).to(x_dtype) if ctx.needs_input_grad[0] else None
         dw = (g2.t() @ xc.reshape(-1, xc.shape[-1])).split(sizes)
@@ -246,19 +252,91 @@ class _JointLinears(torch.autograd.Function):
         out = []
         for i, (n, shape, dt) in enumerate(zip(sizes, shapes, dtypes)):
             out += [dw[i].reshape(shape).to(dt), db[i].to(dt)]
-        return (dx, None, *out)
+        return (dx, None, None, *out)
+
+
+def _joint_ok(layers) -> bool:
+    """Whether :func:`_joint_linears` runs ``layers`` as one product: eager training, every
+    layer with a bias, no hooks."""
+    params = [t for lyr in layers for t in (lyr.weight, lyr.bias)]
+    return (torch.is_grad_enabled() and not is_fx_tracing() and not torch.compiler.is_compiling()
+            and all(t is not None for t in params) and any(t.requires_grad for t in params)
+            and not _hooked(*layers))
 
 
 def _joint_linears(x: Tensor, layers) -> tuple[Tensor, ...] | None:
     """``F.linear(x, l.weight, l.bias)`` for each layer (1x1 convs as linears) as one product
     in eager training, else None: the caller runs the layers (inference, graphs and FX keep
     their modules and their numbers)."""
-    params = [t for lyr in layers for t in (lyr.weight, lyr.bias)]
-    if (torch.is_grad_enabled() and not is_fx_tracing() and not torch.compiler.is_compiling()
-            and all(t is not None for t in params) and any(t.requires_grad for t in params)
-            and not _hooked(*layers)):
-        return _JointLinears.apply(x, tuple(lyr.weight.shape[0] for lyr in layers), *params)
+    if _joint_ok(layers):
+        params = [t for lyr in layers for t in (lyr.weight, lyr.bias)]
+        return _JointLinears.apply(x, tuple(lyr.weight.shape[0] for lyr in layers), False,
+                                   *params)
     return None
+
+
+class _SplitLinear(torch.autograd.Function):
+    """One Linear layer as one product per row block of its weight, each on its own view
+    of the input (the GLU's fc1: gate and value come out contiguous). The backward writes
+    the weight's and bias's gradients whole; through autograd each block of a parameter was
+    a slice whose gradient was scattered into zeros, and the blocks were then added (per
+    parameter and step a fill, a copy and an add). Same products and numbers otherwise: the
+    inputs' gradients stay one per view, for the caller to add as before."""
+
+    @staticmethod
+    def forward(ctx, sizes: tuple[int, ...], weight: Tensor, bias: Tensor, *xs: Tensor):
+        dtype = _autocast_dtype(xs[0].device.type) or xs[0].dtype
+        xcs = [x.to(dtype) for x in xs]
+        w, b = weight.to(dtype), bias.to(dtype)
+        ctx.save_for_backward(w, *xcs)
+        ctx.meta = (sizes, [x.dtype for x in xs], weight.dtype, bias.dtype)
+        ctx.column_sum = _kernels_run("TRANSNEXT_BIAS_GRAD", xs[0])
+        with _autocast_off(xs[0].device):
+            return tuple(F.linear(x, wi, bi) for x, wi, bi in zip(xcs, w.split(sizes),
+                                                                     b.split(sizes)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        w, *xcs = ctx.saved_tensors
+        sizes, x_dtypes, w_dtype, b_dtype = ctx.meta
+        dw = torch.empty_like(w)
+        # the bias gradient as F.linear's backward gives it (w's dtype), or the kernel's fp32
+        db = torch.empty(w.shape[0], device=w.device,
+                         dtype=torch.float32 if ctx.column_sum else w.dtype)
+        dxs = []
+        for i, (g, x, wi, dwi, dbi) in enumerate(zip(grads, xcs, w.split(sizes),
+                                                     dw.split(sizes), db.split(sizes))):
+            if g is None:
+                dwi.zero_()
+                dbi.zero_()
+                dxs.append(None)
+                continue
+            g2 = g.reshape(-1, g.shape[-1])
+            if g2.stride(-1) != 1:  # the column sum reads rows
+                g2 = g2.contiguous()
+            torch.mm(g2.t(), x.reshape(-1, x.shape[-1]), out=dwi)
+            if ctx.column_sum:
+                from ..ops.column_sum import column_sum
+                column_sum(g2, out=dbi)
+            else:
+                torch.sum(g2, 0, out=dbi)
+            dxs.append((g @ wi).to(x_dtypes[i]) if ctx.needs_input_grad[3 + i] else None)
+        return None, dw.to(w_dtype), db.to(b_dtype), *dxs
+
+
+def _split_linear(xs: tuple[Tensor, ...], weight: Tensor, bias: Tensor | None,
+                  sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """``F.linear(xs[i], block i of weight and bias)`` for each row block of ``sizes``; as
+    one ``_SplitLinear`` in eager training (the conditions of :func:`_joint_linears`)."""
+    if (torch.is_grad_enabled() and not is_fx_tracing() and not torch.compiler.is_compiling()
+            and bias is not None and (weight.requires_grad or bias.requires_grad)):
+        return _SplitLinear.apply(sizes, weight, bias, *xs)
+    out, start = [], 0
+    for x, n in zip(xs, sizes):  # slices, not split(): FX proxies cannot be iterated
+        end = start + n
+        out.append(_linear(x, weight[start:end], None if bias is None else bias[start:end]))
+        start = end
+    return tuple(out)
 
 
 def _bias_grad_kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -273,7 +351,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, weight, bias)``; as a one-layer ``_JointLinears`` (same products, the
     bias gradient by ``ops.column_sum``) where :func:`_bias_grad_kernel` says so."""
     if _bias_grad_kernel(x, weight, bias):
-        return _JointLinears.apply(x, (weight.shape[0],), weight, bias)[0]
+        return _JointLinears.apply(x, (weight.shape[0],), False, weight, bias)[0]
     return F.linear(x, weight, bias)
 
 
@@ -282,7 +360,8 @@ def _run_linear(layer: nn.Linear, x: Tensor) -> Tensor:
     no hooks) and the bias-gradient kernel runs; else the module (FX traces keep it)."""
     if (type(layer) is nn.Linear and not _hooked(layer)
             and _bias_grad_kernel(x, layer.weight, layer.bias)):
-        return _JointLinears.apply(x, (layer.weight.shape[0],), layer.weight, layer.bias)[0]
+        return _JointLinears.apply(x, (layer.weight.shape[0],), False, layer.weight,
+                                   layer.bias)[0]
     return layer(x)
 
 
@@ -487,10 +566,8 @@ class ConvolutionalGLU(nn.Module):
         # depthwise conv reads it as a channels_last map with no copy (a chunk of one
         # product would be strided and copied first).
         hidden = self.fc2.in_features
-        w, b = self.fc1.weight, self.fc1.bias
-        xg, xv = x if isinstance(x, tuple) else _cast_for_linears(x, 2)
-        gate = _linear(xg, w[:hidden], b[:hidden])
-        value = _linear(xv, w[hidden:], b[hidden:])
+        xs = x if isinstance(x, tuple) else _cast_for_linears(x, 2)
+        gate, value = _split_linear(xs, self.fc1.weight, self.fc1.bias, (hidden, hidden))
         recompute = (not is_fx_tracing()  # checkpointing has no place in an FX graph
                      and (gate.is_cuda if self.recompute is None else self.recompute)
                      and self.training and torch.is_grad_enabled()
@@ -618,15 +695,27 @@ class AggregatedAttention(_PositionBias):
         x = xs[0] if xs else x
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        joint = _joint_linears(x, (self.q, self.kv, self.sr))
-        if joint is None:
-            xq, xkv, xsr = xs or _cast_for_linears(x, 3)
-            # The 1x1 `sr` conv is a per-token linear map: run it as one (faster everywhere).
-            joint = (self.q(xq), self.kv(xkv),
-                     F.linear(xsr, self.sr.weight.view(C, C), self.sr.bias))
-        q, kv, y = joint
-        q = q.reshape(B, N, h, d)
-        k, v = kv.reshape(B, N, 2, h, d).unbind(2)
+        # (an FX trace leaves the choice to the op, a leaf there)
+        backend = None if is_fx_tracing() else resolve_backend(x, self.attn_drop, self.training)
+        # Attention-map hook (tools/attention_map.py): keep the reference's softmax weights.
+        keep = getattr(self, "keep_weights", False)
+        # The 1x1 `sr` conv is a per-token linear map: run it as one (faster everywhere).
+        w_sr = self.sr.weight.view(C, C)
+        if backend == "triton" and not keep and _joint_ok((self.q, self.kv, self.sr)):
+            # Triton training: q and kv as one product, whose gradient the kernels write whole
+            xq, xsr = (xs[0], xs[2]) if xs else _cast_for_linears(x, 2)
+            qkv = _JointLinears.apply(xq, (C, 2 * C), True, self.q.weight, self.q.bias,
+                                      self.kv.weight, self.kv.bias)[0].view(B, N, 3, h, d)
+            y = _linear(xsr, w_sr, self.sr.bias)
+        else:
+            qkv = None
+            joint = _joint_linears(x, (self.q, self.kv, self.sr))
+            if joint is None:
+                xq, xkv, xsr = xs or _cast_for_linears(x, 3)
+                joint = (self.q(xq), self.kv(xkv), F.linear(xsr, w_sr, self.sr.bias))
+            q, kv, y = joint
+            q = q.reshape(B, N, h, d)
+            k, v = kv.reshape(B, N, 2, h, d).unbind(2)
         y = _gelu_fresh(self.act, y)
         if isinstance(geo, symbolic_tables.SymbolicGeometry):  # export hook: symbolic size
             pooled = geo.pool(_tokens_to_map(y, H, W))
@@ -639,18 +728,17 @@ class AggregatedAttention(_PositionBias):
         pooled = pooled[0] if isinstance(pooled, tuple) else pooled
         k_pool, v_pool = self.kv(pooled).reshape(B, geo.num_pool, 2, h, d).unbind(2)
 
-        # (an FX trace leaves the choice to the op, a leaf there)
-        backend = None if is_fx_tracing() else resolve_backend(q, self.attn_drop, self.training)
-        # Attention-map hook (tools/attention_map.py): keep the reference's softmax weights.
-        keep = getattr(self, "keep_weights", False)
         factored = _factored(backend, 4 * h * N * geo.num_pool)
-        out = aggregated_attention(
-            q, k, v, k_pool, v_pool, _position_bias(self, geo, x.device, factored),
-            self.query_embedding, self.temperature, self.relative_pos_bias_local,
-            self.learnable_tokens, self.learnable_bias, H, W, self.window_size,
-            attn_drop=self.attn_drop, training=self.training, backend=backend,
-            return_weights=keep,
-        )
+        rest = (k_pool, v_pool, _position_bias(self, geo, x.device, factored),
+                self.query_embedding, self.temperature, self.relative_pos_bias_local,
+                self.learnable_tokens, self.learnable_bias, H, W, self.window_size)
+        if qkv is not None:
+            out = aggregated_attention_packed(qkv, *rest, attn_drop=self.attn_drop,
+                                              training=self.training, backend=backend)
+        else:
+            out = aggregated_attention(q, k, v, *rest, attn_drop=self.attn_drop,
+                                       training=self.training, backend=backend,
+                                       return_weights=keep)
         if keep:
             out, self.weights = out
             self.weights_geometry = geo

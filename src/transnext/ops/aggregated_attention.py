@@ -37,15 +37,15 @@ BACKENDS = ("auto", "reference", "triton")
 _TRITON_ERR: Exception | None = None
 
 
-def _triton_op():
-    """The Triton entry point, or None (with the import error kept) if triton is unusable."""
+def _triton_op(name: str = "aggregated_attention_triton"):
+    """A Triton entry point, or None (with the import error kept) if triton is unusable."""
     global _TRITON_ERR
     try:
-        from .triton_kernels import aggregated_attention_triton
+        from . import triton_kernels
     except Exception as e:  # pragma: no cover - depends on the install
         _TRITON_ERR = e
         return None
-    return aggregated_attention_triton
+    return getattr(triton_kernels, name)
 
 
 def _interpreting() -> bool:
@@ -143,7 +143,12 @@ def aggregated_attention(
                                               return_weights=True)
     if name == "reference":
         return aggregated_attention_reference(*args, attn_drop=attn_drop, training=training)
-    fn = _triton_op()
+    return _triton_entry(q)(*args)
+
+
+def _triton_entry(q: Tensor, name: str = "aggregated_attention_triton"):
+    """The Triton entry point ``name`` for q's device, or a clear error."""
+    fn = _triton_op(name)
     if fn is None:
         raise RuntimeError(f"attention backend 'triton' is not available: {_TRITON_ERR!r}")
     if not q.is_cuda and not _interpreting():
@@ -151,4 +156,36 @@ def aggregated_attention(
             "attention backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
             "triton is imported, for CPU tests)"
         )
-    return fn(*args)
+    return fn
+
+
+def aggregated_attention_packed(
+    qkv: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    pool_bias: Tensor | FactoredBias,
+    query_embedding: Tensor,
+    temperature: Tensor,
+    rel_bias_local: Tensor,
+    learnable_tokens: Tensor,
+    learnable_bias: Tensor,
+    H: int,
+    W: int,
+    window: int = 3,
+    attn_drop: float = 0.0,
+    training: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """:func:`aggregated_attention` of ``q, k, v = qkv.unbind(2)``, qkv (B, N, 3, h, d): q,
+    k and v packed in one tensor, as the model's joint q/kv projection makes them. The
+    Triton backend, in eager training, writes their gradients into one (B, N, 3, h, d)
+    tensor; with three inputs autograd would stack k's and v's and the projection's backward
+    concatenate them with q's (two copies of the same gradient)."""
+    q, k, v = qkv.unbind(2)
+    name = resolve_backend(q, attn_drop, training, backend)
+    rest = (k_pool, v_pool, pool_bias, query_embedding, temperature, rel_bias_local,
+            learnable_tokens, learnable_bias, H, W, window)
+    if name == "reference":
+        return aggregated_attention_reference(q, k, v, *rest, attn_drop=attn_drop,
+                                              training=training)
+    return _triton_entry(q, "aggregated_attention_triton_packed")(qkv, *rest)

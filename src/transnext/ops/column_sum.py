@@ -40,9 +40,10 @@ def column_sum_reference(g: Tensor) -> Tensor:
     return g.reshape(-1, g.shape[-1]).float().sum(0)
 
 
-def column_sum(g: Tensor) -> Tensor:
-    """Sum of ``g`` over every dimension but the last, accumulated and returned in fp32.
-    ``g``'s last dimension must be contiguous (a Linear layer's output gradient)."""
+def column_sum(g: Tensor, out: Tensor | None = None) -> Tensor:
+    """Sum of ``g`` over every dimension but the last, accumulated and returned in fp32
+    (or written into ``out``, in its dtype). ``g``'s last dimension must be contiguous (a
+    Linear layer's output gradient)."""
     if g.dim() == 0 or g.stride(-1) != 1:
         raise ValueError(f"column_sum needs a tensor whose last dimension is contiguous, got "
                          f"shape {tuple(g.shape)} strides {tuple(g.stride())}")
@@ -50,7 +51,7 @@ def column_sum(g: Tensor) -> Tensor:
     g2 = g.reshape(-1, N)  # a view for the usual contiguous gradient
     M = g2.shape[0]
     if M == 0 or N == 0:
-        return torch.zeros(N, dtype=torch.float32, device=g.device)
+        return torch.zeros(N, dtype=torch.float32, device=g.device) if out is None else out.zero_()
     block_n = min(256, triton.next_power_of_2(N))
     block_m = max(1, TUNING["tile"] // block_n)
     col_blocks = triton.cdiv(N, block_n)
@@ -60,4 +61,5 @@ def column_sum(g: Tensor) -> Tensor:
     part = torch.empty((split, N), dtype=torch.float32, device=g.device)
     launch(_colsum_kernel, g2, (col_blocks, split), g2, part, M, N, g2.stride(0), split,
            block_m, block_n, num_warps=TUNING["num_warps"][long])
-    return part[0] if split == 1 else part.sum(0)
+    total = part[0] if split == 1 else part.sum(0)
+    return total if out is None else out.copy_(total)

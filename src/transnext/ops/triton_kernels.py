@@ -184,6 +184,7 @@ def _bwd_q_kernel(
     svpb, svpp, svph, svpd,
     spbh, spbn, spbp,
     sdob, sdon, sdoh, sdod,
+    sdqb, sdqn, sdqh, sdqd,
     B, N, P, H, W, NH, B_PER_G, HK, WK,
     HEAD_D: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr, WWP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, IS_F32: tl.constexpr, PREC: tl.constexpr,
@@ -197,6 +198,7 @@ def _bwd_q_kernel(
     skpb, skpp, skph = skpb * ALIGN, skpp * ALIGN, skph * ALIGN
     svpb, svpp, svph = svpb * ALIGN, svpp * ALIGN, svph * ALIGN
     sdob, sdon, sdoh = sdob * ALIGN, sdon * ALIGN, sdoh * ALIGN
+    sdqb, sdqn, sdqh = sdqb * ALIGN, sdqn * ALIGN, sdqh * ALIGN
     pid_n = tl.program_id(0)
     hh = tl.program_id(1)
     g = tl.program_id(2)
@@ -346,7 +348,7 @@ def _bwd_q_kernel(
         dqh += dqt * ts[:, None]
         proj = tl.sum(q_hat * dqh, 1)
         dq = tl.where((qn > 1e-12)[:, None], dqh - q_hat * proj[:, None], dqh) / qnc[:, None]
-        tl.store(DQ + ((b * N + offs_n[:, None]) * NH + hh) * HEAD_D + offs_d[None, :],
+        tl.store(DQ + b * sdqb + offs_n[:, None] * sdqn + hh * sdqh + offs_d[None, :] * sdqd,
                  dq.to(DQ.dtype.element_ty), mask=md)
 
     if ONE_PB:
@@ -369,6 +371,8 @@ def _bwd_kv_local_kernel(
     skb, skn, skh, skd,
     svb, svn, svh, svd,
     sdob, sdon, sdoh, sdod,
+    sdkb, sdkn, sdkh, sdkd,
+    sdvb, sdvn, sdvh, sdvd,
     N, P, H, W, NH,
     HEAD_D: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -379,6 +383,8 @@ def _bwd_kv_local_kernel(
     skb, skn, skh = skb * ALIGN, skn * ALIGN, skh * ALIGN
     svb, svn, svh = svb * ALIGN, svn * ALIGN, svh * ALIGN
     sdob, sdon, sdoh = sdob * ALIGN, sdon * ALIGN, sdoh * ALIGN
+    sdkb, sdkn, sdkh = sdkb * ALIGN, sdkn * ALIGN, sdkh * ALIGN
+    sdvb, sdvn, sdvh = sdvb * ALIGN, sdvn * ALIGN, sdvh * ALIGN
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // NH
@@ -438,9 +444,10 @@ def _bwd_kv_local_kernel(
 
     proj = tl.sum(kh * dkh, 1)
     dk = tl.where((kn > 1e-12)[:, None], dkh - kh * proj[:, None], dkh) / knc[:, None]
-    o_off = ((b * N + offs_n[:, None]) * NH + hh) * HEAD_D + offs_d[None, :]
-    tl.store(DK + o_off, dk.to(DK.dtype.element_ty), mask=md)
-    tl.store(DV + o_off, dv.to(DV.dtype.element_ty), mask=md)
+    tl.store(DK + b * sdkb + offs_n[:, None] * sdkn + hh * sdkh + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=md)
+    tl.store(DV + b * sdvb + offs_n[:, None] * sdvn + hh * sdvh + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=md)
 
 
 def _bwd_kv_pool_kernel(
@@ -577,7 +584,10 @@ def _sd(t: Tensor, a: int):
 # Launch configuration per kernel (CUDA). Tuned on an H100 at the TransNeXt
 # stage shapes (see docs/kernels.md); entries may be overridden for experiments.
 TUNE = {
-    "fwd": dict(BLOCK_N=64, BLOCK_P=32, num_warps=4, num_stages=2),
+    "fwd": dict(BLOCK_N=64, BLOCK_P=32, num_warps=4, num_stages=1),
+    # "<kernel>_small": the entry for maps of up to max_n queries (stage 3 at 224: 196, where
+    # 64-row tiles leave a quarter of the last one empty); H200 sweeps, docs/kernels.md
+    "fwd_small": dict(max_n=256, BLOCK_N=32, BLOCK_P=32, num_warps=2, num_stages=1),
     # ONE_PB_MAX: P up to which the pool_bias grad stays in registers (else fp32 atomics);
     # 0 measured best on H100 (the register path forces BLOCK_P >= P and spills).
     "bwd_q": dict(BLOCK_N=32, BLOCK_P=32, num_warps=2, num_stages=2, programs_per_sm=32,
@@ -594,10 +604,16 @@ TUNE = {
 }
 
 
+def _entry(name: str, N: int) -> dict:
+    """TUNE's entry for kernel ``name`` on maps of N queries."""
+    small = TUNE.get(name + "_small")
+    return small if small is not None and N <= small["max_n"] else TUNE[name]
+
+
 def _cfg(name: str, N: int, P: int, d: int, is_cuda: bool):
     """(D, BLOCK_N, BLOCK_P, launch kwargs) for one kernel."""
     D = max(16, triton.next_power_of_2(d))
-    t = TUNE[name]
+    t = _entry(name, N)
     bp = min(t.get("BLOCK_P", 64), max(16, triton.next_power_of_2(P)))
     bn = t["BLOCK_N"]
     if not is_cuda:  # interpreter: small tiles, no launch options
@@ -680,9 +696,10 @@ def _fwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
 
 def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
               rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w, out, out_res, lse,
-              dout, H, W, window, pool_h, pool_w, eager=False):
+              dout, H, W, window, pool_h, pool_w, eager=False, dqkv=None):
     # eager: called by the eager autograd Function (not the custom op torch.compile records,
-    # whose outputs may not alias and whose CUDA graphs must own every buffer they read)
+    # whose outputs may not alias and whose CUDA graphs must own every buffer they read).
+    # dqkv: a (B, N, 3, h, d) buffer that dq, dk and dv are written into (returned as views)
     table = None
     if _expands(pb_idx):  # write the bias out again (not kept from the forward: memory)
         table, idx_f, w_f = pool_bias, pb_idx, pb_w
@@ -699,17 +716,19 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     qe, temp, rbl, lt, lb = (_small(t) for t in (query_embedding, temperature, rel_bias_local,
                                                    learnable_tokens, learnable_bias))
     is_f32 = q.dtype == torch.float32
-    al = _align(q, k, v, k_pool, v_pool, dout)
-
-    dq = torch.empty((B, N, h, d), dtype=q.dtype, device=dev)
-    dk = torch.empty((B, N, h, d), dtype=k.dtype, device=dev)
-    dv = torch.empty((B, N, h, d), dtype=v.dtype, device=dev)
+    if dqkv is not None:
+        dq, dk, dv = dqkv.unbind(2)
+    else:
+        dq = torch.empty((B, N, h, d), dtype=q.dtype, device=dev)
+        dk = torch.empty((B, N, h, d), dtype=k.dtype, device=dev)
+        dv = torch.empty((B, N, h, d), dtype=v.dtype, device=dev)
+    al = _align(q, k, v, k_pool, v_pool, dout, dq, dk, dv)
     dkp = torch.empty((B, P, h, d), dtype=k_pool.dtype, device=dev)
     dvp = torch.empty((B, P, h, d), dtype=v_pool.dtype, device=dev)
     delta = torch.empty((B, h, N), dtype=f32, device=dev)
 
     D, BLOCK_N, BLOCK_P, kw = _cfg("bwd_q", N, P, d, q.is_cuda)
-    one_pb = P <= TUNE["bwd_q"].get("ONE_PB_MAX", 64) and fk["JT"] == 0
+    one_pb = P <= _entry("bwd_q", N).get("ONE_PB_MAX", 64) and fk["JT"] == 0
     if one_pb:
         BLOCK_P = max(16, triton.next_power_of_2(P))
     n_tiles = triton.cdiv(N, BLOCK_N)
@@ -718,8 +737,7 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     if interp:  # B = 2: one group (the exclusive dpb path), B >= 3: two (atomics)
         G = 1 if B <= 2 else 2
     else:
-        target = (TUNE["bwd_q"]["programs_per_sm"]
-                  * sm_count(dev))
+        target = _entry("bwd_q", N)["programs_per_sm"] * sm_count(dev)
         G = max(1, min(B, triton.cdiv(target, n_tiles * h)))
     b_per_g = triton.cdiv(B, G)
     G = triton.cdiv(B, b_per_g)
@@ -742,7 +760,7 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
         out_res if out_res.numel() else out, lse, dout, dq, delta, dpb_f, dqe_f, dtemp_f, drbl_f,
         dlt_f, dlb_f,
         *_sd(q, al), *_sd(k, al), *_sd(v, al), *_sd(k_pool, al), *_sd(v_pool, al),
-        *_strides(pool_bias), *_sd(dout, al),
+        *_strides(pool_bias), *_sd(dout, al), *_sd(dq, al),
         B, N, P, H, W, h, b_per_g, HK, WK,
         HEAD_D=d, D=D, WIN=window, WWP=WWP, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
         IS_F32=is_f32, PREC=_prec(q.dtype), ALIGN=al, ONE_PB=one_pb,
@@ -751,7 +769,7 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     D, BLOCK_N, _, kw = _cfg("bwd_kv_local", N, P, d, q.is_cuda)
     launch(_bwd_kv_local_kernel, q, (triton.cdiv(N, BLOCK_N), B * h),
         q, k, v, qe, temp, rbl, lt, lb, lse, delta, dout, dk, dv,
-        *_sd(q, al), *_sd(k, al), *_sd(v, al), *_sd(dout, al),
+        *_sd(q, al), *_sd(k, al), *_sd(v, al), *_sd(dout, al), *_sd(dk, al), *_sd(dv, al),
         N, P, H, W, h,
         HEAD_D=d, D=D, WIN=window, BLOCK_N=BLOCK_N, ALIGN=al, **kw,
     )
@@ -800,8 +818,11 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     dqe, dtemp = cast(dqe_f, query_embedding), cast(dtemp_f, temperature)
     drbl = cast(drbl_f, rel_bias_local)
     dlt, dlb = cast(dlt_f, learnable_tokens), cast(dlb_f, learnable_bias)
-    # every gradient is returned contiguous (the fake kernel says so)
-    return tuple(t.contiguous() for t in (dq, dk, dv, dkp, dvp, dpb, dqe, dtemp, drbl, dlt, dlb))
+    # every gradient is returned contiguous (the fake kernel says so), dqkv's views aside
+    rest = tuple(t.contiguous() for t in (dkp, dvp, dpb, dqe, dtemp, drbl, dlt, dlb))
+    if dqkv is not None:
+        return (dq, dk, dv) + rest
+    return (dq.contiguous(), dk.contiguous(), dv.contiguous()) + rest
 
 
 # ----------------------------------------------------------------------------
@@ -903,21 +924,52 @@ class _AggregatedAttentionFn(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None, None)
 
 
+class _PackedAttentionFn(torch.autograd.Function):
+    """``_AggregatedAttentionFn`` for q, k, v packed in one (B, N, 3, h, d) tensor (the
+    model's q and kv projections as one product): the backward writes dq, dk and dv into one
+    (B, N, 3, h, d) gradient. With three inputs autograd stacked k's and v's gradients and
+    the projection's backward concatenated them with q's: the same gradient copied twice."""
+
+    @staticmethod
+    def forward(ctx, qkv, k_pool, v_pool, pool_bias, query_embedding, temperature,
+                rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w, H, W, window,
+                pool_h, pool_w):
+        out, lse, out_res = _fwd_impl(*qkv.unbind(2), k_pool, v_pool, pool_bias,
+                                      query_embedding, temperature, rel_bias_local,
+                                      learnable_tokens, learnable_bias, pb_idx, pb_w, H, W,
+                                      window, pool_h, pool_w, True)
+        ctx.save_for_backward(qkv, k_pool, v_pool, pool_bias, query_embedding, temperature,
+                              rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w,
+                              out, out_res, lse)
+        ctx.geom = (H, W, window, pool_h, pool_w)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, *rest = ctx.saved_tensors
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        grads = _bwd_impl(*qkv.unbind(2), *rest, dout, *ctx.geom, eager=True, dqkv=dqkv)
+        return (dqkv, *grads[3:], None, None, None, None, None, None, None)
+
+
+def _bias_args(pool_bias, q: Tensor):
+    """(pool_bias, pb_idx, pb_w, pool_hw) for the kernels: a FactoredBias's table, index and
+    weights, or a dense (h, N, P) bias with an empty index and weights."""
+    if isinstance(pool_bias, FactoredBias):
+        pb_idx = pool_bias.idx
+        pb_w = pool_bias.w if pool_bias.w is not None else pb_idx.new_empty(0, dtype=torch.float32)
+        return pool_bias.table.contiguous(), pb_idx, pb_w, pool_bias.k_hw
+    return (pool_bias, q.new_empty(0, dtype=torch.int32), q.new_empty(0, dtype=torch.float32),
+            (0, 0))
+
+
 def aggregated_attention_triton(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
                                 rel_bias_local, learnable_tokens, learnable_bias, H, W, window=3):
     """Fused forward (and, through autograd, backward); returns (B, N, h, d) in q's dtype.
 
     Under torch.compile this is the custom op ``transnext::aggregated_attention_fwd`` (no graph
     break); in eager mode an equivalent ``torch.autograd.Function`` over the same kernels."""
-    if isinstance(pool_bias, FactoredBias):
-        pb_idx = pool_bias.idx
-        pb_w = pool_bias.w if pool_bias.w is not None else pb_idx.new_empty(0, dtype=torch.float32)
-        pool_hw = pool_bias.k_hw
-        pool_bias = pool_bias.table.contiguous()
-    else:  # dense (h, N, P): empty index and weights
-        pb_idx = q.new_empty(0, dtype=torch.int32)
-        pb_w = q.new_empty(0, dtype=torch.float32)
-        pool_hw = (0, 0)
+    pool_bias, pb_idx, pb_w, pool_hw = _bias_args(pool_bias, q)
     ins = (q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature, rel_bias_local,
            learnable_tokens, learnable_bias)
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in ins)
@@ -928,3 +980,19 @@ def aggregated_attention_triton(q, k, v, k_pool, v_pool, pool_bias, query_embedd
     if need_grad:
         return _AggregatedAttentionFn.apply(*ins, pb_idx, pb_w, *geom, True)
     return _fwd_impl(*ins, pb_idx, pb_w, *geom, False)[0]
+
+
+def aggregated_attention_triton_packed(qkv, k_pool, v_pool, pool_bias, query_embedding,
+                                       temperature, rel_bias_local, learnable_tokens,
+                                       learnable_bias, H, W, window=3):
+    """:func:`aggregated_attention_triton` of ``qkv.unbind(2)``, qkv (B, N, 3, h, d); in
+    eager training one gradient for qkv, written by the kernels (``_PackedAttentionFn``)."""
+    small = (query_embedding, temperature, rel_bias_local, learnable_tokens, learnable_bias)
+    table = getattr(pool_bias, "table", pool_bias)  # a FactoredBias's, or the dense bias
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (qkv, k_pool, v_pool, table, *small))):
+        return aggregated_attention_triton(*qkv.unbind(2), k_pool, v_pool, pool_bias, *small,
+                                           H, W, window)
+    pool_bias, pb_idx, pb_w, pool_hw = _bias_args(pool_bias, qkv)
+    return _PackedAttentionFn.apply(qkv, k_pool, v_pool, pool_bias, *small, pb_idx, pb_w, H, W,
+                                    window, *pool_hw)
