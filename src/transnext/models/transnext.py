@@ -327,7 +327,7 @@ class _SplitLinear(torch.autograd.Function):
 def _split_linear(xs: tuple[Tensor, ...], weight: Tensor, bias: Tensor | None,
                   sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
     """``F.linear(xs[i], block i of weight and bias)`` for each row block of ``sizes``; as
-    one ``_SplitLinear`` in eager training (the conditions of :func:`_joint_linears`)."""
+    one ``_SplitLinear`` in eager training (autograd on, not FX or torch.compile, a bias)."""
     if (torch.is_grad_enabled() and not is_fx_tracing() and not torch.compiler.is_compiling()
             and bias is not None and (weight.requires_grad or bias.requires_grad)):
         return _SplitLinear.apply(sizes, weight, bias, *xs)

@@ -906,21 +906,14 @@ class _AggregatedAttentionFn(torch.autograd.Function):
     def forward(ctx, q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
                 rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w, H, W, window,
                 pool_h, pool_w, save_residual):
-        out, lse, out_res = _fwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding,
-                                      temperature, rel_bias_local, learnable_tokens,
-                                      learnable_bias, pb_idx, pb_w, H, W, window, pool_h, pool_w,
-                                      save_residual)
-        ctx.save_for_backward(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
-                              rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w,
-                              out, out_res, lse)
-        ctx.geom = (H, W, window, pool_h, pool_w)
-        return out
+        rest = (k_pool, v_pool, pool_bias, query_embedding, temperature, rel_bias_local,
+                learnable_tokens, learnable_bias, pb_idx, pb_w)
+        return _forward_saving(ctx, (q, k, v), (q, k, v), rest, (H, W, window, pool_h, pool_w),
+                               save_residual)
 
     @staticmethod
     def backward(ctx, dout):
-        H, W, window, pool_h, pool_w = ctx.geom
-        grads = _bwd_impl(*ctx.saved_tensors, dout, H, W, window, pool_h, pool_w,
-                          eager=True)
+        grads = _bwd_impl(*ctx.saved_tensors, dout, *ctx.geom, eager=True)
         return (*grads, None, None, None, None, None, None, None, None)
 
 
@@ -934,15 +927,10 @@ class _PackedAttentionFn(torch.autograd.Function):
     def forward(ctx, qkv, k_pool, v_pool, pool_bias, query_embedding, temperature,
                 rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w, H, W, window,
                 pool_h, pool_w):
-        out, lse, out_res = _fwd_impl(*qkv.unbind(2), k_pool, v_pool, pool_bias,
-                                      query_embedding, temperature, rel_bias_local,
-                                      learnable_tokens, learnable_bias, pb_idx, pb_w, H, W,
-                                      window, pool_h, pool_w, True)
-        ctx.save_for_backward(qkv, k_pool, v_pool, pool_bias, query_embedding, temperature,
-                              rel_bias_local, learnable_tokens, learnable_bias, pb_idx, pb_w,
-                              out, out_res, lse)
-        ctx.geom = (H, W, window, pool_h, pool_w)
-        return out
+        rest = (k_pool, v_pool, pool_bias, query_embedding, temperature, rel_bias_local,
+                learnable_tokens, learnable_bias, pb_idx, pb_w)
+        return _forward_saving(ctx, (qkv,), qkv.unbind(2), rest, (H, W, window, pool_h, pool_w),
+                               True)
 
     @staticmethod
     def backward(ctx, dout):
@@ -950,6 +938,15 @@ class _PackedAttentionFn(torch.autograd.Function):
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
         grads = _bwd_impl(*qkv.unbind(2), *rest, dout, *ctx.geom, eager=True, dqkv=dqkv)
         return (dqkv, *grads[3:], None, None, None, None, None, None, None)
+
+
+def _forward_saving(ctx, keep, qkv, rest, geom, save_residual):
+    """The eager Functions' forward: ``_fwd_impl(*qkv, *rest, *geom)``, keeping ``keep`` (q,
+    k, v or their packed tensor), ``rest``, out, its residual and lse for the backward."""
+    out, lse, out_res = _fwd_impl(*qkv, *rest, *geom, save_residual)
+    ctx.save_for_backward(*keep, *rest, out, out_res, lse)
+    ctx.geom = geom
+    return out
 
 
 def _bias_args(pool_bias, q: Tensor):
