@@ -195,7 +195,10 @@ def tune(shape) -> dict:
     for name, variants in TUNE_SPACE.items():
         if only and name not in only.split(","):
             continue
-        base = dict(tk.TUNE[name])
+        # the entry this shape runs with ("<kernel>_small" on small maps), swept in place of
+        # TUNE[name] (a small entry would otherwise override every variant)
+        base = dict(tk._entry(name, shape["H"] * shape["W"]))
+        saved, small = dict(tk.TUNE[name]), tk.TUNE.pop(name + "_small", None)
         timings = []
         for var in variants:
             tk.TUNE[name] = dict(base, **var)
@@ -206,7 +209,9 @@ def tune(shape) -> dict:
                 continue
             print(f"   {name} {var}: {ms:.4f} ms", flush=True)
             timings.append((ms, var))
-        tk.TUNE[name] = base
+        tk.TUNE[name] = saved
+        if small is not None:
+            tk.TUNE[name + "_small"] = small
         best_ms, best = min(timings, key=lambda t: t[0])
         base_ms = next((ms for ms, var in timings  # the variant that is the current entry
                         if all(base.get(k) == v for k, v in var.items())), float("nan"))
