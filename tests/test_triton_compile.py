@@ -71,12 +71,18 @@ def _attention_cases():
             yield f"fwd-{dtype}-J{jt}", tk._fwd_kernel, dict(
                 common, WWP=16, BLOCK_N=t["fwd"]["BLOCK_N"], BLOCK_P=t["fwd"]["BLOCK_P"],
                 SAVE_RES=not f32, **fk), act
-            yield f"bwd_q-{dtype}-J{jt}", tk._bwd_q_kernel, dict(
-                common, WWP=16, BLOCK_N=t["bwd_q"]["BLOCK_N"], BLOCK_P=t["bwd_q"]["BLOCK_P"],
-                ONE_PB=False, SAVE_RES=not f32, EXCL=jt == 0, **fk), act
+            # whole, and the pooled half of the split (TUNE["bwd_q_split_min_p"])
+            for e, local in (("bwd_q", True), ("bwd_q_pool", False)):
+                yield f"{e}-{dtype}-J{jt}", tk._bwd_q_kernel, dict(
+                    common, WWP=16, BLOCK_N=t[e]["BLOCK_N"], BLOCK_P=t[e]["BLOCK_P"],
+                    ONE_PB=False, SAVE_RES=not f32, EXCL=jt == 0, LOCAL=local, POOL=True,
+                    **fk), act
             yield f"bwd_kv_pool-{dtype}-J{jt}", tk._bwd_kv_pool_kernel, dict(
                 common, BLOCK_N=t["bwd_kv_pool"]["BLOCK_N"],
                 BLOCK_P=t["bwd_kv_pool"]["BLOCK_P"], SPLIT=1 if jt else 4, **fk), act
+        yield f"bwd_q_local-{dtype}", tk._bwd_q_kernel, dict(
+            common, WWP=16, BLOCK_N=t["bwd_q_local"]["BLOCK_N"], BLOCK_P=32, ONE_PB=False,
+            SAVE_RES=not f32, EXCL=False, JT=0, HAS_W=False, LOCAL=True, POOL=False), act
         yield f"bwd_kv_local-{dtype}", tk._bwd_kv_local_kernel, dict(
             HEAD_D=24, D=32, WIN=3, BLOCK_N=tk.TUNE["bwd_kv_local"]["BLOCK_N"], ALIGN=8), act
 

@@ -224,14 +224,20 @@ def test_half_matches_reference(case, dtype):
 
 
 @needs_here
-def test_pool_bias_grad_register_path(monkeypatch):
-    """The bwd kernel's two pool_bias-grad paths (registers when P <= ONE_PB_MAX, atomics else)."""
+@pytest.mark.parametrize("split", [True, False], ids=["split", "whole"])
+def test_pool_bias_grad_register_path(split, monkeypatch):
+    """The dq kernel whole and split in two launches (TUNE["bwd_q_split_min_p"]), each with its
+    pool_bias-grad paths: registers when P <= ONE_PB_MAX, atomics (B = 3: two batch groups
+    in the interpreter) or stores (B = 2: one group) else."""
     from transnext.ops import triton_kernels as tk
 
-    monkeypatch.setitem(tk.TUNE, "bwd_q", dict(tk.TUNE["bwd_q"], ONE_PB_MAX=64))
+    monkeypatch.setitem(tk.TUNE, "bwd_q_split_min_p", 0 if split else 10**9)
+    name = "bwd_q_pool" if split else "bwd_q"
+    monkeypatch.setitem(tk.TUNE, name, dict(tk.TUNE[name], ONE_PB_MAX=64))
     check_case(3, 5, 6, 2, 24, 7, torch.float32)
-    monkeypatch.setitem(tk.TUNE, "bwd_q", dict(tk.TUNE["bwd_q"], ONE_PB_MAX=0))
+    monkeypatch.setitem(tk.TUNE, name, dict(tk.TUNE[name], ONE_PB_MAX=0))
     check_case(3, 5, 6, 2, 24, 7, torch.float32)
+    check_case(2, 4, 5, 2, 8, 6, torch.float32)
 
 
 def check_packed(B, H, W, h, d, P, dtype=torch.float32, factored=False, seed=0):

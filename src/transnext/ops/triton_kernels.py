@@ -176,7 +176,7 @@ def _fwd_kernel(
 
 def _bwd_q_kernel(
     Q, K, V, KP, VP, PB, PBI, PBW, QE, TEMP, RBL, LT, LB, OUT, ORES, LSE, DO,
-    DQ, DELTA, DPB, DQE, DTEMP, DRBL, DLT, DLB,
+    DQ, DQL, DELTA, DPB, DQE, DTEMP, DRBL, DLT, DLB,
     sqb, sqn, sqh, sqd,
     skb, skn, skh, skd,
     svb, svn, svh, svd,
@@ -189,8 +189,12 @@ def _bwd_q_kernel(
     HEAD_D: tl.constexpr, D: tl.constexpr, WIN: tl.constexpr, WWP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, IS_F32: tl.constexpr, PREC: tl.constexpr,
     ALIGN: tl.constexpr, ONE_PB: tl.constexpr, SAVE_RES: tl.constexpr, JT: tl.constexpr,
-    HAS_W: tl.constexpr, EXCL: tl.constexpr,
+    HAS_W: tl.constexpr, EXCL: tl.constexpr, LOCAL: tl.constexpr, POOL: tl.constexpr,
 ):
+    # LOCAL and POOL: the whole kernel. Split (fewer live registers: the whole one spills),
+    # LOCAL only writes delta and its part of dq in fp32 to DQL; POOL only reads delta,
+    # adds its part (dq is linear in dq_hat) and writes DQ. Both add their shares of the
+    # per-head parameter grads.
     # strides are passed divided by ALIGN so that the compiler sees rows aligned for vector loads
     sqb, sqn, sqh = sqb * ALIGN, sqn * ALIGN, sqh * ALIGN
     skb, skn, skh = skb * ALIGN, skn * ALIGN, skh * ALIGN
@@ -252,106 +256,121 @@ def _bwd_q_kernel(
         q_hat = q / qnc[:, None]
         qt = (q_hat + qe[None, :]) * ts[:, None]
 
-        # local window: A_j, dm_j = do . v_j; X = sum_j A_j dm_j k_hat_j, Y = sum_j A_j k_hat_j
-        X = tl.zeros([BLOCK_N, D], tl.float32)
-        Y = tl.zeros([BLOCK_N, D], tl.float32)
-        A_t = tl.zeros([BLOCK_N, WWP], tl.float32)
-        DM_t = tl.zeros([BLOCK_N, WWP], tl.float32)
-        for j in range(WW):
-            yy = y + (j // WIN - R)
-            xx = x + (j % WIN - R)
-            ok = row_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-            nb = yy * W + xx
-            mk = ok[:, None] & d_ok[None, :]
-            kj = tl.load(K + b * skb + nb[:, None] * skn + hh * skh + offs_d[None, :] * skd,
-                         mask=mk, other=0.0).to(tl.float32)
-            vj = tl.load(V + b * svb + nb[:, None] * svn + hh * svh + offs_d[None, :] * svd,
-                         mask=mk, other=0.0).to(tl.float32)
-            rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(kj * kj, 1)), 1e-12)
-            lj = tl.sum(qt * kj, 1) * rk + tl.load(RBL + hh * WW + j).to(tl.float32)
-            aj = tl.where(ok, tl.exp(lj - lse), 0.0)
-            dmj = tl.sum(dof * vj, 1)
-            ar = aj * rk
-            X += (ar * dmj)[:, None] * kj
-            Y += ar[:, None] * kj
-            sel = offs_w[None, :] == j
-            A_t = tl.where(sel, aj[:, None], A_t)
-            DM_t = tl.where(sel, dmj[:, None], DM_t)
-        # learnable tokens: g_j = q_hat . lt_j + lb_j
-        G_t = tl.dot(q_hat, lt_t, input_precision=PREC) + lb[None, :]
-        o_off = ((b * N + offs_n[:, None]) * NH + hh) * HEAD_D + offs_d[None, :]
-        o = tl.load(OUT + o_off, mask=md, other=0.0).to(tl.float32)
-        if SAVE_RES:
-            o += tl.load(ORES + o_off, mask=md, other=0.0).to(tl.float32)
-        delta = tl.where(row_ok, tl.sum(dof * o, 1) - tl.sum(G_t * DM_t, 1), 0.0)
-        tl.store(DELTA + (b * NH + hh) * N + offs_n, delta, mask=row_ok)
-        dlb_acc += tl.sum(DM_t, 0)
-        drbl_acc += tl.sum(A_t * (DM_t - delta[:, None]), 0)
-        dlt_acc += tl.dot(tl.trans(q_hat), DM_t, input_precision=PREC)
-        dqh = tl.dot(DM_t, tl.trans(lt_t), input_precision=PREC)
-        dqt = X - delta[:, None] * Y
+        if LOCAL:
+            # local window: A_j, dm_j = do . v_j; X = sum_j A_j dm_j k_hat_j,
+            # Y = sum_j A_j k_hat_j
+            X = tl.zeros([BLOCK_N, D], tl.float32)
+            Y = tl.zeros([BLOCK_N, D], tl.float32)
+            A_t = tl.zeros([BLOCK_N, WWP], tl.float32)
+            DM_t = tl.zeros([BLOCK_N, WWP], tl.float32)
+            for j in range(WW):
+                yy = y + (j // WIN - R)
+                xx = x + (j % WIN - R)
+                ok = row_ok & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+                nb = yy * W + xx
+                mk = ok[:, None] & d_ok[None, :]
+                kj = tl.load(K + b * skb + nb[:, None] * skn + hh * skh
+                             + offs_d[None, :] * skd, mask=mk, other=0.0).to(tl.float32)
+                vj = tl.load(V + b * svb + nb[:, None] * svn + hh * svh
+                             + offs_d[None, :] * svd, mask=mk, other=0.0).to(tl.float32)
+                rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(kj * kj, 1)), 1e-12)
+                lj = tl.sum(qt * kj, 1) * rk + tl.load(RBL + hh * WW + j).to(tl.float32)
+                aj = tl.where(ok, tl.exp(lj - lse), 0.0)
+                dmj = tl.sum(dof * vj, 1)
+                ar = aj * rk
+                X += (ar * dmj)[:, None] * kj
+                Y += ar[:, None] * kj
+                sel = offs_w[None, :] == j
+                A_t = tl.where(sel, aj[:, None], A_t)
+                DM_t = tl.where(sel, dmj[:, None], DM_t)
+            # learnable tokens: g_j = q_hat . lt_j + lb_j
+            G_t = tl.dot(q_hat, lt_t, input_precision=PREC) + lb[None, :]
+            o_off = ((b * N + offs_n[:, None]) * NH + hh) * HEAD_D + offs_d[None, :]
+            o = tl.load(OUT + o_off, mask=md, other=0.0).to(tl.float32)
+            if SAVE_RES:
+                o += tl.load(ORES + o_off, mask=md, other=0.0).to(tl.float32)
+            delta = tl.where(row_ok, tl.sum(dof * o, 1) - tl.sum(G_t * DM_t, 1), 0.0)
+            tl.store(DELTA + (b * NH + hh) * N + offs_n, delta, mask=row_ok)
+            dlb_acc += tl.sum(DM_t, 0)
+            drbl_acc += tl.sum(A_t * (DM_t - delta[:, None]), 0)
+            dlt_acc += tl.dot(tl.trans(q_hat), DM_t, input_precision=PREC)
+            dqh = tl.dot(DM_t, tl.trans(lt_t), input_precision=PREC)
+            dqt = X - delta[:, None] * Y
+        else:
+            delta = tl.load(DELTA + (b * NH + hh) * N + offs_n, mask=row_ok, other=0.0)
+            dqh = tl.zeros([BLOCK_N, D], tl.float32)
+            dqt = tl.zeros([BLOCK_N, D], tl.float32)
 
-        for p0 in range(0, P, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
-            p_ok = offs_p < P
-            mp = p_ok[:, None] & d_ok[None, :]
-            mnp = row_ok[:, None] & p_ok[None, :]
-            kp = tl.load(KP + b * skpb + offs_p[:, None] * skpp + hh * skph + offs_d[None, :] * skpd,
-                         mask=mp, other=0.0).to(tl.float32)
-            vp = tl.load(VP + b * svpb + offs_p[:, None] * svpp + hh * svph + offs_d[None, :] * svpd,
-                         mask=mp, other=0.0)
-            kph = kp / tl.maximum(tl.sqrt(tl.sum(kp * kp, 1)), 1e-12)[:, None]
-            sc = tl.dot(qt, tl.trans(kph), input_precision=PREC)
-            if JT == 0:
-                pb = tl.load(PB + hh * spbh + offs_n[:, None] * spbn + offs_p[None, :] * spbp,
-                             mask=mnp, other=0.0).to(tl.float32)
-            else:  # factored (ops.position_bias): gather rows of the (h, R, W * WK) table
-                pb_rows = (y * HK)[:, None] + (offs_p // WK)[None, :]
-                pb_cols = (x * WK)[:, None] + (offs_p % WK)[None, :]
-                pb = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
-                for tap in tl.static_range(JT):
-                    a = tl.load(PBI + tap * H * HK + pb_rows, mask=mnp, other=0)
-                    pbt = tl.load(PB + hh * spbh + a * spbn + pb_cols * spbp, mask=mnp,
-                                  other=0.0).to(tl.float32)
-                    if HAS_W:
-                        pbt = pbt * tl.load(PBW + tap * H * HK + pb_rows, mask=mnp, other=0.0)
-                    pb += pbt
-            ap = tl.where(mnp, tl.exp(sc + pb - lse[:, None]), 0.0)
-            if IS_F32:
-                da = tl.dot(dof, tl.trans(vp.to(tl.float32)), input_precision="ieee")
-            else:
-                da = tl.dot(do, tl.trans(vp))
-            ds = ap * (da - delta[:, None])
-            dqt += tl.dot(ds, kph, input_precision=PREC)
-            if JT > 0:  # scatter into the rows of the factored table (same strides as PB)
-                for tap in tl.static_range(JT):
-                    a = tl.load(PBI + tap * H * HK + pb_rows, mask=mnp, other=0)
-                    dsj = ds
-                    if HAS_W:
-                        dsj = ds * tl.load(PBW + tap * H * HK + pb_rows, mask=mnp, other=0.0)
-                    tl.atomic_add(DPB + hh * spbh + a * spbn + pb_cols * spbp, dsj, mask=mnp,
-                                  sem="relaxed")
-            elif ONE_PB:
-                dpb_acc += ds
-            elif EXCL:  # one batch group: this program alone owns its (tile, head) slab
-                dpb_ptr = dpb_base + offs_n[:, None] * P + offs_p[None, :]
-                if b == b0:
-                    tl.store(dpb_ptr, ds, mask=mnp)
+        if POOL:
+            for p0 in range(0, P, BLOCK_P):
+                offs_p = p0 + tl.arange(0, BLOCK_P)
+                p_ok = offs_p < P
+                mp = p_ok[:, None] & d_ok[None, :]
+                mnp = row_ok[:, None] & p_ok[None, :]
+                kp = tl.load(KP + b * skpb + offs_p[:, None] * skpp + hh * skph
+                             + offs_d[None, :] * skpd, mask=mp, other=0.0).to(tl.float32)
+                vp = tl.load(VP + b * svpb + offs_p[:, None] * svpp + hh * svph
+                             + offs_d[None, :] * svpd, mask=mp, other=0.0)
+                kph = kp / tl.maximum(tl.sqrt(tl.sum(kp * kp, 1)), 1e-12)[:, None]
+                sc = tl.dot(qt, tl.trans(kph), input_precision=PREC)
+                if JT == 0:
+                    pb = tl.load(PB + hh * spbh + offs_n[:, None] * spbn
+                                 + offs_p[None, :] * spbp, mask=mnp, other=0.0).to(tl.float32)
+                else:  # factored (ops.position_bias): gather rows of the (h, R, W * WK) table
+                    pb_rows = (y * HK)[:, None] + (offs_p // WK)[None, :]
+                    pb_cols = (x * WK)[:, None] + (offs_p % WK)[None, :]
+                    pb = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
+                    for tap in tl.static_range(JT):
+                        a = tl.load(PBI + tap * H * HK + pb_rows, mask=mnp, other=0)
+                        pbt = tl.load(PB + hh * spbh + a * spbn + pb_cols * spbp, mask=mnp,
+                                      other=0.0).to(tl.float32)
+                        if HAS_W:
+                            pbt *= tl.load(PBW + tap * H * HK + pb_rows, mask=mnp, other=0.0)
+                        pb += pbt
+                ap = tl.where(mnp, tl.exp(sc + pb - lse[:, None]), 0.0)
+                if IS_F32:
+                    da = tl.dot(dof, tl.trans(vp.to(tl.float32)), input_precision="ieee")
                 else:
-                    tl.store(dpb_ptr, tl.load(dpb_ptr, mask=mnp, other=0.0) + ds, mask=mnp)
-            else:
-                tl.atomic_add(dpb_base + offs_n[:, None] * P + offs_p[None, :], ds, mask=mnp,
-                              sem="relaxed")
+                    da = tl.dot(do, tl.trans(vp))
+                ds = ap * (da - delta[:, None])
+                dqt += tl.dot(ds, kph, input_precision=PREC)
+                if JT > 0:  # scatter into the rows of the factored table (same strides as PB)
+                    for tap in tl.static_range(JT):
+                        a = tl.load(PBI + tap * H * HK + pb_rows, mask=mnp, other=0)
+                        dsj = ds
+                        if HAS_W:
+                            dsj = ds * tl.load(PBW + tap * H * HK + pb_rows, mask=mnp,
+                                               other=0.0)
+                        tl.atomic_add(DPB + hh * spbh + a * spbn + pb_cols * spbp, dsj,
+                                      mask=mnp, sem="relaxed")
+                elif ONE_PB:
+                    dpb_acc += ds
+                elif EXCL:  # one batch group: this program alone owns its (tile, head) slab
+                    dpb_ptr = dpb_base + offs_n[:, None] * P + offs_p[None, :]
+                    if b == b0:
+                        tl.store(dpb_ptr, ds, mask=mnp)
+                    else:
+                        tl.store(dpb_ptr, tl.load(dpb_ptr, mask=mnp, other=0.0) + ds,
+                                 mask=mnp)
+                else:
+                    tl.atomic_add(dpb_base + offs_n[:, None] * P + offs_p[None, :], ds,
+                                  mask=mnp, sem="relaxed")
 
         dqe_acc += tl.sum(dqt * ts[:, None], 0)
         dtau_acc += tl.sum(dqt * (q_hat + qe[None, :]), 1) * s
         dqh += dqt * ts[:, None]
         proj = tl.sum(q_hat * dqh, 1)
         dq = tl.where((qn > 1e-12)[:, None], dqh - q_hat * proj[:, None], dqh) / qnc[:, None]
-        tl.store(DQ + b * sdqb + offs_n[:, None] * sdqn + hh * sdqh + offs_d[None, :] * sdqd,
-                 dq.to(DQ.dtype.element_ty), mask=md)
+        dql_off = ((b * N + offs_n[:, None]) * NH + hh) * HEAD_D + offs_d[None, :]
+        if not POOL:
+            tl.store(DQL + dql_off, dq, mask=md)
+        else:
+            if not LOCAL:
+                dq += tl.load(DQL + dql_off, mask=md, other=0.0)
+            tl.store(DQ + b * sdqb + offs_n[:, None] * sdqn + hh * sdqh
+                     + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty), mask=md)
 
-    if ONE_PB:
+    if ONE_PB and POOL:
         offs_p = tl.arange(0, BLOCK_P)
         tl.atomic_add(dpb_base + offs_n[:, None] * P + offs_p[None, :], dpb_acc,
                       mask=row_ok[:, None] & (offs_p < P)[None, :], sem="relaxed")
@@ -359,10 +378,11 @@ def _bwd_q_kernel(
     tl.atomic_add(DQE + hh * HEAD_D + offs_d, dqe_acc, mask=d_ok, sem="relaxed")
     dsp = 1.0 / (1.0 + tl.exp(-t))  # d softplus / dt
     tl.atomic_add(DTEMP + hh, tl.sum(dtau_acc, 0) * dsp, sem="relaxed")
-    tl.atomic_add(DRBL + hh * WW + offs_w, drbl_acc, mask=w_ok, sem="relaxed")
-    tl.atomic_add(DLB + hh * WW + offs_w, dlb_acc, mask=w_ok, sem="relaxed")
-    tl.atomic_add(DLT + hh * HEAD_D * WW + offs_d[:, None] * WW + offs_w[None, :], dlt_acc,
-                  mask=d_ok[:, None] & w_ok[None, :], sem="relaxed")
+    if LOCAL:
+        tl.atomic_add(DRBL + hh * WW + offs_w, drbl_acc, mask=w_ok, sem="relaxed")
+        tl.atomic_add(DLB + hh * WW + offs_w, dlb_acc, mask=w_ok, sem="relaxed")
+        tl.atomic_add(DLT + hh * HEAD_D * WW + offs_d[:, None] * WW + offs_w[None, :], dlt_acc,
+                      mask=d_ok[:, None] & w_ok[None, :], sem="relaxed")
 
 
 def _bwd_kv_local_kernel(
@@ -592,6 +612,14 @@ TUNE = {
     # 0 measured best on H100 (the register path forces BLOCK_P >= P and spills).
     "bwd_q": dict(BLOCK_N=32, BLOCK_P=32, num_warps=2, num_stages=2, programs_per_sm=32,
                   ONE_PB_MAX=0),
+    # _bwd_q_kernel as two launches from P = bwd_q_split_min_p pooled tokens on: the local
+    # window's part (delta, its share of dq in fp32) and the pooled part (dS, the pool_bias
+    # grad, dq). Split is 6-8% faster at P 256-1025 (the whole kernel spills), 5-7% slower
+    # at P 49 (224 input): H100 per-kernel times, docs/dense_speed.md round 11
+    "bwd_q_split_min_p": 256,
+    "bwd_q_local": dict(BLOCK_N=32, num_warps=2, num_stages=1, programs_per_sm=32),
+    "bwd_q_pool": dict(BLOCK_N=32, BLOCK_P=32, num_warps=2, num_stages=2, programs_per_sm=32,
+                       ONE_PB_MAX=0),
     "bwd_kv_local": dict(BLOCK_N=32, num_warps=4, num_stages=2),
     "bwd_kv_pool": dict(BLOCK_N=64, BLOCK_P=64, num_warps=4, num_stages=2, programs_per_sm=8),
     # How the kernels take a factored pool bias (ops.position_bias), in training and in
@@ -727,45 +755,52 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     dvp = torch.empty((B, P, h, d), dtype=v_pool.dtype, device=dev)
     delta = torch.empty((B, h, N), dtype=f32, device=dev)
 
-    D, BLOCK_N, BLOCK_P, kw = _cfg("bwd_q", N, P, d, q.is_cuda)
-    one_pb = P <= _entry("bwd_q", N).get("ONE_PB_MAX", 64) and fk["JT"] == 0
-    if one_pb:
-        BLOCK_P = max(16, triton.next_power_of_2(P))
-    n_tiles = triton.cdiv(N, BLOCK_N)
-    # batch groups: enough programs to fill the GPU; the pool_bias / parameter grads are fp32
-    # atomic adds contended only by the G groups (a program loops over its group's batches).
-    if interp:  # B = 2: one group (the exclusive dpb path), B >= 3: two (atomics)
-        G = 1 if B <= 2 else 2
-    else:
-        target = _entry("bwd_q", N)["programs_per_sm"] * sm_count(dev)
-        G = max(1, min(B, triton.cdiv(target, n_tiles * h)))
-    b_per_g = triton.cdiv(B, G)
-    G = triton.cdiv(B, b_per_g)
-    zf = dict(dtype=f32, device=dev)
-    # the bias grad in the bias's own form (and strides: the kernel reuses PB's); with one
-    # batch group the dense form is stored, not added, by the one program owning each cell
-    excl = G == 1 and B > 0 and not one_pb and fk["JT"] == 0
-    dpb_f = (torch.zeros(pool_bias.shape, **zf) if fk["JT"] else
-             torch.empty((h, N, P), **zf) if excl else torch.zeros((h, N, P), **zf))
     small = (query_embedding, temperature, rel_bias_local, learnable_tokens, learnable_bias)
+    zf = dict(dtype=f32, device=dev)
     if eager:  # views of one zeroed buffer: one launch, not five (host time)
         flat = torch.zeros(sum(t.numel() for t in small), **zf)
         dqe_f, dtemp_f, drbl_f, dlt_f, dlb_f = (
             c.view(t.shape) for c, t in zip(flat.split([t.numel() for t in small]), small))
     else:
         dqe_f, dtemp_f, drbl_f, dlt_f, dlb_f = (torch.zeros(t.shape, **zf) for t in small)
-
-    launch(_bwd_q_kernel, q, (n_tiles, h, G),
-        q, k, v, k_pool, v_pool, pool_bias, pb_idx, pb_w, qe, temp, rbl, lt, lb, out,
-        out_res if out_res.numel() else out, lse, dout, dq, delta, dpb_f, dqe_f, dtemp_f, drbl_f,
-        dlt_f, dlb_f,
-        *_sd(q, al), *_sd(k, al), *_sd(v, al), *_sd(k_pool, al), *_sd(v_pool, al),
-        *_strides(pool_bias), *_sd(dout, al), *_sd(dq, al),
-        B, N, P, H, W, h, b_per_g, HK, WK,
-        HEAD_D=d, D=D, WIN=window, WWP=WWP, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
-        IS_F32=is_f32, PREC=_prec(q.dtype), ALIGN=al, ONE_PB=one_pb,
-        SAVE_RES=out_res.numel() > 0, EXCL=excl, **fk, **kw,
-    )
+    # (TUNE entry, LOCAL, POOL) per launch; split, the local part of dq goes through dql
+    parts = ([("bwd_q_local", True, False), ("bwd_q_pool", False, True)]
+             if P >= TUNE["bwd_q_split_min_p"] else [("bwd_q", True, True)])
+    dql = torch.empty((B, N, h, d), **zf) if len(parts) > 1 else dq
+    dpb_f = None
+    for name, local, pool in parts:
+        D, BLOCK_N, BLOCK_P, kw = _cfg(name, N, P, d, q.is_cuda)
+        one_pb = pool and P <= _entry(name, N).get("ONE_PB_MAX", 64) and fk["JT"] == 0
+        if one_pb:
+            BLOCK_P = max(16, triton.next_power_of_2(P))
+        n_tiles = triton.cdiv(N, BLOCK_N)
+        # batch groups: enough programs to fill the GPU; the pool_bias / parameter grads are
+        # fp32 atomic adds contended only by the G groups (a program loops over its group's
+        # batches)
+        if interp:  # B = 2: one group (the exclusive dpb path), B >= 3: two (atomics)
+            G = 1 if B <= 2 else 2
+        else:
+            target = _entry(name, N)["programs_per_sm"] * sm_count(dev)
+            G = max(1, min(B, triton.cdiv(target, n_tiles * h)))
+        b_per_g = triton.cdiv(B, G)
+        G = triton.cdiv(B, b_per_g)
+        # the bias grad in the bias's own form (and strides: the kernel reuses PB's); with one
+        # batch group the dense form is stored, not added, by the one program owning each cell
+        excl = pool and G == 1 and B > 0 and not one_pb and fk["JT"] == 0
+        if pool:
+            dpb_f = (torch.zeros(pool_bias.shape, **zf) if fk["JT"] else
+                     torch.empty((h, N, P), **zf) if excl else torch.zeros((h, N, P), **zf))
+        launch(_bwd_q_kernel, q, (n_tiles, h, G),
+            q, k, v, k_pool, v_pool, pool_bias, pb_idx, pb_w, qe, temp, rbl, lt, lb, out,
+            out_res if out_res.numel() else out, lse, dout, dq, dql, delta,
+            dpb_f if pool else dql, dqe_f, dtemp_f, drbl_f, dlt_f, dlb_f,
+            *_sd(q, al), *_sd(k, al), *_sd(v, al), *_sd(k_pool, al), *_sd(v_pool, al),
+            *_strides(pool_bias), *_sd(dout, al), *_sd(dq, al),
+            B, N, P, H, W, h, b_per_g, HK, WK,
+            HEAD_D=d, D=D, WIN=window, WWP=WWP, BLOCK_N=BLOCK_N, BLOCK_P=BLOCK_P,
+            IS_F32=is_f32, PREC=_prec(q.dtype), ALIGN=al, ONE_PB=one_pb,
+            SAVE_RES=out_res.numel() > 0, EXCL=excl, LOCAL=local, POOL=pool, **fk, **kw,
+        )
     D, BLOCK_N, _, kw = _cfg("bwd_kv_local", N, P, d, q.is_cuda)
     launch(_bwd_kv_local_kernel, q, (triton.cdiv(N, BLOCK_N), B * h),
         q, k, v, qe, temp, rbl, lt, lb, lse, delta, dout, dk, dv,
