@@ -15,6 +15,9 @@ What it measures, all on one machine in one call (README, "Multi-GPU"):
 * segmentation (``seg``): ``transnext seg train`` (UperNet, SyncBN) on 1 GPU at batch
   2b and on 2 GPUs at batch b: the first iterations' losses (means over all ranks).
 * detection (``det``): the same for ``transnext det train`` (Mask R-CNN).
+* CUDA graphs (``graphs``): ``transnext train`` and ``transnext seg train`` on the most
+  GPUs, eager and with ``--cuda-graphs``: img/s (train, steady epochs), ms per iteration
+  (seg, the median over iterations after the first 5) and the loss curves of both.
 
 Data: Fashion-MNIST written as an ImageFolder of RGB JPEGs (``--image-size`` px), so
 the pipeline decodes real files as it would on ImageNet.
@@ -99,26 +102,31 @@ def _metrics(out: Path) -> list[dict]:
     return json.loads((out / "metrics.json").read_text())
 
 
+def _train_cmd(a, data: Path, out: Path, accum: int = 1) -> list[str]:
+    cmd = ["train", "--model", a.model, "--data-dir", str(data), "--output", str(out),
+           "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
+           "--accum-steps", str(accum), "--amp", "bf16", "--workers", str(a.workers),
+           "--opt", "adamw", "--lr", "1e-3", "--weight-decay", "0.05",
+           "--warmup-epochs", "1", "--sched", "cosine", "--drop-path", "0.1",
+           "--input-size", "224", "--no-ema", "--no-repeated-aug", "--seed", "0",
+           "--no-progress", "--no-tensorboard", "--eval-batch-size", "256"]
+    return cmd + (["--compile-mode", a.compile_mode] if a.compile_mode else [])
+
+
+def _steady_img_per_s(m: list[dict]) -> float:
+    return float(np.median([r["train_img_per_s"] for r in m[1:]] or [m[0]["train_img_per_s"]]))
+
+
 def scaling(a, data: Path, work: Path) -> list[dict]:
     n_max = max(a.gpus)
     rows = []
     for n in a.gpus:
         out = work / f"scale_{n}"
-        cmd = ["train", "--model", a.model, "--data-dir", str(data), "--output", str(out),
-               "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
-               "--accum-steps", str(n_max // n), "--amp", "bf16", "--workers", str(a.workers),
-               "--opt", "adamw", "--lr", "1e-3", "--weight-decay", "0.05",
-               "--warmup-epochs", "1", "--sched", "cosine", "--drop-path", "0.1",
-               "--input-size", "224", "--no-ema", "--no-repeated-aug", "--seed", "0",
-               "--no-progress", "--no-tensorboard", "--eval-batch-size", "256"]
-        if a.compile_mode:
-            cmd += ["--compile-mode", a.compile_mode]
-        wall = _launch(n, cmd, work / f"scale_{n}.log")
+        wall = _launch(n, _train_cmd(a, data, out, n_max // n), work / f"scale_{n}.log")
         m = _metrics(out)
-        steady = [r["train_img_per_s"] for r in m[1:]] or [m[0]["train_img_per_s"]]
         rows.append({"gpus": n, "per_gpu_batch": a.batch_size, "accum": n_max // n,
                      "global_batch": a.batch_size * n_max, "wall_s": wall,
-                     "img_per_s": float(np.median(steady)),
+                     "img_per_s": _steady_img_per_s(m),
                      "loss": [r["train_loss"] for r in m],
                      "val_top1": [r.get("val_top1") for r in m]})
     one = next((r for r in rows if r["gpus"] == 1), None)
@@ -191,27 +199,57 @@ def evaluation(a, data: Path, work: Path) -> dict:
     return {str(k): v for k, v in res.items()}
 
 
-def segmentation(a, work: Path) -> dict:
+def _seg_mosaics(a, work: Path) -> Path:
     mos = work / "mosaics"
     if not (mos / "classes.txt").exists():
         args = ["seg", "make-mosaics", "--output", str(mos), "--train", "2000", "--val", "100"]
         if a.fmnist:
             args += ["--fashion-mnist-dir", a.fmnist]
         _launch(1, args, work / "mosaics.log")
+    return mos
+
+
+def _seg_cmd(a, mos: Path, out: Path, batch: int) -> list[str]:
+    return ["seg", "train", "--recipe", "upernet-fmnist", "--model", a.seg_model,
+            "--data-dir", str(mos), "--output", str(out), "--iters", str(a.seg_iters),
+            "--batch-size", str(batch), "--crop-size", str(a.seg_crop), "--scale",
+            str(4 * a.seg_crop), str(a.seg_crop),
+            "--pretrain-size", "224", "--channels", "512", "--aux-channels", "256",
+            "--amp", "bf16", "--workers", "4", "--log-interval", "1",
+            "--time-budget", "0", "--eval-interval",
+            str(10 ** 9), "--ckpt-interval", str(10 ** 9), "--no-progress",
+            "--no-tensorboard", "--seed", "0"]
+
+
+def segmentation(a, work: Path) -> dict:
+    mos = _seg_mosaics(a, work)
     res = {}
     for n, b in ((1, 2 * a.seg_batch), (2, a.seg_batch)):
         out = work / f"seg_{n}"
-        _launch(n, ["seg", "train", "--recipe", "upernet-fmnist", "--model", a.seg_model,
-                    "--data-dir", str(mos), "--output", str(out), "--iters", str(a.seg_iters),
-                    "--batch-size", str(b), "--crop-size", str(a.seg_crop), "--scale",
-                    str(4 * a.seg_crop), str(a.seg_crop),
-                    "--pretrain-size", "224", "--channels", "512", "--aux-channels", "256",
-                    "--amp", "bf16", "--workers", "4", "--log-interval", "1",
-                    "--time-budget", "0", "--eval-interval",
-                    str(10 ** 9), "--ckpt-interval", str(10 ** 9), "--no-progress",
-                    "--no-tensorboard", "--seed", "0"], work / f"seg_{n}.log")
+        _launch(n, _seg_cmd(a, mos, out, b), work / f"seg_{n}.log")
         res[str(n)] = {"batch": b, "loss": [r["train_loss"] for r in _metrics(out)
                                             if "train_loss" in r]}
+    return res
+
+
+def graphs(a, data: Path, work: Path) -> dict:
+    """``train`` and ``seg train`` on the most GPUs, eager and with ``--cuda-graphs``."""
+    n = max(a.gpus)
+    mos = _seg_mosaics(a, work)
+    res = {"gpus": n, "per_gpu_batch": a.batch_size, "seg_per_gpu_batch": a.seg_batch}
+    for mode, extra in (("eager", []), ("graphs", ["--cuda-graphs"])):
+        out = work / f"graphs_train_{mode}"
+        _launch(n, _train_cmd(a, data, out) + extra, work / f"graphs_train_{mode}.log")
+        m = _metrics(out)
+        res[f"train_{mode}"] = {"img_per_s": _steady_img_per_s(m),
+                                "loss": [r["train_loss"] for r in m]}
+        out = work / f"graphs_seg_{mode}"
+        _launch(n, _seg_cmd(a, mos, out, a.seg_batch) + extra, work / f"graphs_seg_{mode}.log")
+        rows = [r for r in _metrics(out) if "train_loss" in r]
+        t = [r["time"] for r in rows]
+        res[f"seg_{mode}"] = {"ms_per_iter": float(np.median(np.diff(t[5:]))) * 1e3
+                              if len(t) > 6 else None,
+                              "loss": [r["train_loss"] for r in rows]}
     return res
 
 
@@ -253,7 +291,7 @@ def main(argv=None):
     p.add_argument("--compile-mode", default=None)
     p.add_argument("--parts", nargs="+", default=["scaling", "first-step", "resume", "eval",
                                                   "seg", "det"],
-                   choices=["scaling", "first-step", "resume", "eval", "seg", "det"])
+                   choices=["scaling", "first-step", "resume", "eval", "seg", "det", "graphs"])
     p.add_argument("--seg-batch", type=int, default=4, help="per GPU on 2 GPUs")
     p.add_argument("--seg-iters", type=int, default=20)
     p.add_argument("--seg-model", default="transnext_tiny")
@@ -318,6 +356,28 @@ def main(argv=None):
         print("\ndet train loss per iteration (1 GPU at batch 2b | 2 GPUs at batch b):")
         for i, (x, y) in enumerate(zip(d["1"]["loss"], d["2"]["loss"])):
             print(f"  iter {i + 1}: {x:.4f} | {y:.4f}")
+        save()
+    if "graphs" in a.parts:
+        res["graphs"] = g = graphs(a, data, work)
+        e, c = g["train_eager"], g["train_graphs"]
+        se, sc = g["seg_eager"], g["seg_graphs"]
+
+        def ms(x):
+            return "n/a" if x is None else f"{x:.1f}"
+        print(f"\n{g['gpus']} GPUs | eager | --cuda-graphs | ratio")
+        print("|---|---|---|---|")
+        print(f"| train img/s (batch {a.batch_size} per GPU) | {e['img_per_s']:.0f} | "
+              f"{c['img_per_s']:.0f} | {c['img_per_s'] / e['img_per_s']:.2f}x |")
+        ratio = (f"{se['ms_per_iter'] / sc['ms_per_iter']:.2f}x"
+                 if se["ms_per_iter"] and sc["ms_per_iter"] else "n/a")
+        print(f"| seg train ms/iter (batch {a.seg_batch} per GPU) | {ms(se['ms_per_iter'])} | "
+              f"{ms(sc['ms_per_iter'])} | {ratio} |")
+        print("train loss per epoch, eager | graphs: "
+              f"{' '.join(f'{x:.4f}' for x in e['loss'])} | "
+              f"{' '.join(f'{x:.4f}' for x in c['loss'])}")
+        print("seg loss, first 5 iterations, eager | graphs: "
+              f"{' '.join(f'{x:.4f}' for x in se['loss'][:5])} | "
+              f"{' '.join(f'{x:.4f}' for x in sc['loss'][:5])}", flush=True)
         save()
 
 

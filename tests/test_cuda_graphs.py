@@ -65,14 +65,12 @@ def test_on_cpu_the_wrapper_is_the_module():
 def test_preconditions_are_one_clear_error_each():
     gpu = torch.device("cuda", 0)
     with pytest.raises(UserError, match="needs a CUDA device"):
-        check_cuda_graphs(torch.device("cpu"), False)
-    with pytest.raises(UserError, match="one process"):
-        check_cuda_graphs(gpu, True)
+        check_cuda_graphs(torch.device("cpu"))
     with pytest.raises(UserError, match="--accum-steps 4"):
-        check_cuda_graphs(gpu, False, accum_steps=4)
+        check_cuda_graphs(gpu, accum_steps=4)
     with pytest.raises(UserError, match="choose one"):
-        check_cuda_graphs(gpu, False, compiled=True)
-    check_cuda_graphs(gpu, False)  # what remains is allowed
+        check_cuda_graphs(gpu, compiled=True)
+    check_cuda_graphs(gpu)  # what remains is allowed, in one process or under torchrun
 
 
 @pytest.mark.parametrize("command", [["train"], ["seg", "train"]])
@@ -244,6 +242,34 @@ def test_train_job_with_cuda_graphs(tiny_folder, tmp_path, caplog):
         return [r["train_loss"] for r in json.loads((out / "metrics.json").read_text())]
 
     graphs_follow_eager(run, tmp_path, caplog, replays=6)  # 24 images, batches of 8, 2 epochs
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+
+@two_gpus
+def test_train_job_with_cuda_graphs_under_torchrun(tiny_folder, tmp_path):
+    """`transnext train --cuda-graphs` in two NCCL processes (torchrun): the recording
+    survives NCCL's watchdog thread (thread-local capture), every full batch replays, and
+    the losses follow the eager two-process job's."""
+    import json
+
+    from conftest import run_ok, torchrun
+
+    def run(out, *extra):
+        p = run_ok(torchrun("train", "--model", "transnext_femto", "--data-dir",
+                            str(tiny_folder), "--output", str(out), "--input-size", "32",
+                            "--batch-size", "4", "--workers", "0", "--no-progress",
+                            "--no-tensorboard", "--seed", "0", "--lr", "1e-4",
+                            "--warmup-epochs", "0", "--epochs", "2", "--device", "cuda",
+                            "--amp", "bf16", "--drop-path", "0", *extra))
+        return [r["train_loss"] for r in json.loads((out / "metrics.json").read_text())], p
+
+    ref, _ = run(tmp_path / "eager")
+    got, p = run(tmp_path / "graphs", "--cuda-graphs")
+    # 24 images over 2 ranks, batches of 4: 3 steps an epoch on each rank, 2 epochs
+    assert "CUDA graphs: 6 call(s) replayed, 0 run eagerly" in p.stdout + p.stderr
+    assert got == pytest.approx(ref, rel=1e-2)
 
 
 @cuda

@@ -62,3 +62,54 @@ def test_distributed_eval_uneven_shards(tiny_folder, tmp_path, model_name):
     assert r1["count"] == r2["count"] == 9
     assert r2["top1"] == pytest.approx(r1["top1"])
     assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+
+
+def _averager_worker(rank, port, out):
+    import torch.distributed as dist
+    from torch import nn
+
+    from transnext.engine.distributed import GradientAverager
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        torch.manual_seed(rank)  # each rank starts from other weights
+        m = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3, bias=False))
+        m[2].weight.data = m[2].weight.data.double()  # a second dtype: a second bucket
+        unused = nn.Parameter(torch.ones(4))
+        m.register_parameter("unused", unused)
+        sync = GradientAverager(m, bucket_mb=100 / 2**20)  # 100-byte buckets: several
+        for p in m.parameters():
+            if p is not unused:
+                p.grad = torch.full_like(p, float(rank + 1)) * torch.arange(
+                    p.numel(), dtype=p.dtype).view_as(p)
+        sync()
+        torch.save({"state": m.state_dict(), "grads": {n: p.grad for n, p in
+                                                       m.named_parameters()}}, out[rank])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradient_averager_with_a_real_process_group(tmp_path):
+    """engine.distributed.GradientAverager (--cuda-graphs under torchrun, no DDP): rank 0's
+    parameters and buffers on both ranks, and the mean of the ranks' gradients, bucketed
+    across dtypes; a parameter without a gradient stays without one."""
+    import torch.multiprocessing as mp
+    out = [str(tmp_path / f"r{i}.pt") for i in range(2)]
+    mp.spawn(_averager_worker, args=(free_port(), out), nprocs=2)
+    r0, r1 = (torch.load(f, weights_only=True) for f in out)
+    for k, v in r0["state"].items():
+        assert torch.equal(r1["state"][k], v), k
+    torch.manual_seed(0)  # rank 0's initial weights
+    assert torch.equal(r0["state"]["0.weight"], nn_linear_weight(5, 7))
+    for name, g in r0["grads"].items():
+        if name == "unused":
+            assert g is None and r1["grads"][name] is None
+            continue
+        ramp = torch.arange(g.numel(), dtype=g.dtype).view_as(g)
+        torch.testing.assert_close(g, 1.5 * ramp, msg=name)  # mean of 1x and 2x
+        assert torch.equal(r1["grads"][name], g), name
+
+
+def nn_linear_weight(i, o):
+    from torch import nn
+    return nn.Linear(i, o).weight.data

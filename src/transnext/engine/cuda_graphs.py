@@ -7,8 +7,17 @@ every size measured, more host time than GPU time (docs/dense_speed.md, round 6)
 detection sizes; this records the eager kernels (the package's Triton ones included) in a
 few warm-up steps. Training graphs come from ``torch.cuda.make_graphed_callables``: the
 loss, the optimizer step, clipping and EMA stay eager and unchanged.
+
+Under torchrun the recording is thread-local (``cudaStreamCaptureModeThreadLocal``): NCCL's
+watchdog thread queries events while a graph records, which the default global mode turns
+into ``cudaErrorStreamCaptureInvalidated``. The jobs then average the gradients after the
+backward themselves (``engine.distributed.GradientAverager``) instead of wrapping the model
+in DDP, whose hooks a recording must not meet.
 """
 from __future__ import annotations
+
+import contextlib
+import inspect
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +52,32 @@ def _uncached_autocast():
     recording would be replayed stale after the optimizer changes the weights."""
     enabled, dtype = _autocast_state()
     return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
+
+
+_MODE = "thread_local"
+
+
+@contextlib.contextmanager
+def _thread_local_capture():
+    """``make_graphed_callables``' keyword arguments for a thread-local recording. Before
+    that function took ``capture_error_mode`` (torch 2.11 among those tested) it records
+    through ``torch.cuda.graph``, made thread-local here for the call."""
+    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+        yield {"capture_error_mode": _MODE}
+        return
+    plain = torch.cuda.graph
+
+    class _ThreadLocal(plain):
+        def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode=_MODE):
+            super().__init__(cuda_graph, pool=pool, stream=stream,
+                             capture_error_mode=capture_error_mode)
+
+    import torch.cuda.graphs as module  # the name may be looked up in either place
+    torch.cuda.graph = module.graph = _ThreadLocal
+    try:
+        yield {}
+    finally:
+        torch.cuda.graph = module.graph = plain
 
 
 class GraphedForward(nn.Module):
@@ -106,10 +141,10 @@ class GraphedForward(nn.Module):
 
     def _record_training(self, x: Tensor) -> nn.Module:
         sample = x.detach().clone().requires_grad_(x.requires_grad)
-        with _uncached_autocast():
+        with _uncached_autocast(), _thread_local_capture() as mode:
             return torch.cuda.make_graphed_callables(
                 _Call(self.module), (sample,), num_warmup_iters=self.warmup,
-                allow_unused_input=True)  # e.g. a classifier head that features_only skips
+                allow_unused_input=True, **mode)  # unused: a head that features_only skips
 
     def _record_inference(self, x: Tensor):
         static_x = x.detach().clone()
@@ -121,7 +156,7 @@ class GraphedForward(nn.Module):
                     self.module(static_x)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=_MODE):
                 static_out = self.module(static_x)
         return graph, static_x, static_out
 
@@ -132,14 +167,11 @@ def summary(graphed: GraphedForward) -> str:
             f"eagerly (other input shapes)")
 
 
-def check_cuda_graphs(device: torch.device, distributed: bool = False, accum_steps: int = 1,
+def check_cuda_graphs(device: torch.device, accum_steps: int = 1,
                       compiled: bool = False) -> None:
-    """--cuda-graphs' preconditions, as one clear error each."""
+    """--cuda-graphs' preconditions, as one clear error each (one process or torchrun)."""
     if device.type != "cuda":
         raise UserError(f"--cuda-graphs needs a CUDA device (this run uses {device.type})")
-    if distributed:
-        raise UserError("--cuda-graphs runs in one process for now; under torchrun use "
-                        "--compile blocks --compile-mode reduce-overhead")
     if accum_steps > 1:
         raise UserError(f"--cuda-graphs with --accum-steps {accum_steps}: a graph's gradient "
                         f"buffers cannot accumulate over steps; use a larger --batch-size")

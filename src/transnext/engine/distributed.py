@@ -85,3 +85,46 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+class GradientAverager:
+    """Data parallelism without DDP, for steps replayed from CUDA graphs (``--cuda-graphs``
+    under torchrun): the module's parameters and buffers broadcast from rank 0 once, and
+    after each backward (before unscaling and clipping) the gradients averaged over the
+    ranks in flat buckets.
+
+    DDP would keep every parameter's gradient-accumulator node alive on the stream it was
+    built on, and a graph recording whose backward meets those nodes waits on the legacy
+    stream (``cudaErrorStreamCaptureImplicit``). A graphed backward hands every gradient
+    over at its end anyway, so DDP's overlap of all-reduces with the backward is lost
+    there and averaging after it costs the same."""
+
+    def __init__(self, module: torch.nn.Module, bucket_mb: float = 25.0):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.world = dist.get_world_size()
+        with torch.no_grad():
+            for t in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(t, src=0)
+
+    def __call__(self) -> None:
+        """Average the gradients (every rank has the same set: the same graph ran)."""
+        bucket, size = [], 0
+        for g in (p.grad for p in self.params):
+            if g is None:
+                continue
+            if bucket and (g.dtype != bucket[0].dtype
+                           or size + g.numel() * g.element_size() > self.bucket_bytes):
+                self._reduce(bucket)
+                bucket, size = [], 0
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+        if bucket:
+            self._reduce(bucket)
+
+    def _reduce(self, grads: list[torch.Tensor]) -> None:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.world)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))

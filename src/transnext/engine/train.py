@@ -18,8 +18,8 @@ from ..models import CheckpointError, TransNeXt, checkpoint_filter_fn
 from . import checkpointing as ckpt
 from . import recipes
 from .cuda_graphs import GraphedForward, check_cuda_graphs, summary as graph_summary
-from .distributed import (all_gather_object, all_reduce_sum, barrier, cleanup,
-                          init_distributed)
+from .distributed import (GradientAverager, all_gather_object, all_reduce_sum, barrier,
+                          cleanup, init_distributed)
 from .errors import UserError
 from .evaluate import autocast, evaluate
 from .loaders import build_train_data
@@ -94,7 +94,7 @@ def _train(args, dist) -> dict:
     if not args.model:
         raise UserError("--model is required (or a --recipe that names one)")
     if getattr(args, "cuda_graphs", False):
-        check_cuda_graphs(device, dist.distributed, args.accum_steps,
+        check_cuda_graphs(device, args.accum_steps,
                           bool(args.compile or getattr(args, "compile_mode", None)))
     if not args.output:
         raise UserError("--output is required")
@@ -184,15 +184,17 @@ def _train(args, dist) -> dict:
             log.info("resumed from %s at epoch %d (step %d)", args.resume, start_epoch, step)
         del resume_obj
 
-    net = model
+    net, average = model, None
     compile_mode = getattr(args, "compile_mode", None)
     if getattr(args, "cuda_graphs", False):
         # the eager step is host-bound (docs/dense_speed.md); graphs replay it without the host
         net = GraphedForward(model, infer=False)
+        if dist.distributed:  # not DDP: the recording must not meet DDP's hooks
+            average = GradientAverager(model)
     elif args.compile or compile_mode:
         # reduce-overhead: CUDA graphs; the eager and default-mode steps are host-bound.
         net = compile_model(model, args.compile or "model", compile_mode)
-    if dist.distributed:
+    if dist.distributed and average is None:
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -236,7 +238,7 @@ def _train(args, dist) -> dict:
             train_loader.set_epoch(epoch)
             tr, step, new_sched = _train_epoch(args, net, model, train_loader, optimizer,
                                                scheduler, scaler, ema, mixup_fn, criterion, epoch,
-                                               step, dist, budget, probe)
+                                               step, dist, budget, probe, average)
             scheduler = new_sched or scheduler
             row = {"epoch": epoch, "step": step, **{f"train_{k}": v for k, v in tr.items()}}
             if val_loader is not None and ((epoch + 1) % args.eval_interval == 0
@@ -434,7 +436,7 @@ def _state(args, model, optimizer, scheduler, scaler, ema, epoch, step, best, nu
 
 
 def _train_epoch(args, net, model, loader, optimizer, scheduler, scaler, ema, mixup_fn,
-                 criterion, epoch, step, dist, budget=None, probe=None):
+                 criterion, epoch, step, dist, budget=None, probe=None, average=None):
     device = dist.device
     net.train()
     accum = max(1, args.accum_steps)
@@ -474,6 +476,8 @@ def _train_epoch(args, net, model, loader, optimizer, scheduler, scaler, ema, mi
         seen += len(y)
         if not last_micro:
             continue
+        if average is not None:  # --cuda-graphs under torchrun: no DDP (GradientAverager)
+            average()
         if args.debug_first_step and step == 0:
             _dump_first_step(args, net, loss, len(y), dist)
         if scaler is not None:

@@ -41,15 +41,17 @@ def closing_loop(out: Path, main: bool, bar, mlog, iteration):
         mlog.close()
 
 
-def backward_and_step(loss, model, optimizer, scaler, clip_grad: float | None) -> None:
-    """One update: backward (scaled when fp16's GradScaler is on), gradient-norm clipping on
-    the unscaled gradients, the optimizer step, gradients cleared."""
+def backward_and_step(loss, model, optimizer, scaler, clip_grad: float | None,
+                      sync=None) -> None:
+    """One update: backward (scaled when fp16's GradScaler is on), ``sync()`` (gradients
+    averaged over ranks without DDP: ``engine.distributed.GradientAverager``), gradient-norm
+    clipping on the unscaled gradients, the optimizer step, gradients cleared."""
     from torch import nn
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if sync is not None:
+        sync()
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-    else:
-        loss.backward()
     if clip_grad:
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     if scaler is not None:

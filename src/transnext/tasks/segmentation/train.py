@@ -15,7 +15,7 @@ from torch import nn
 
 from ...engine import checkpointing as ckpt
 from ...engine.cuda_graphs import check_cuda_graphs, summary as graph_summary
-from ...engine.distributed import all_reduce_sum, cleanup, init_distributed
+from ...engine.distributed import GradientAverager, all_reduce_sum, cleanup, init_distributed
 from ...engine.errors import UserError
 from ...engine.evaluate import autocast
 from ...engine.metrics import MetricLog
@@ -185,8 +185,7 @@ def _train(args, dist) -> dict:
     _check_args(args)
     device, main = dist.device, dist.is_main
     if getattr(args, "cuda_graphs", False):
-        check_cuda_graphs(device, dist.distributed, compiled=bool(args.compile or
-                                                                  args.compile_mode))
+        check_cuda_graphs(device, compiled=bool(args.compile or args.compile_mode))
     if args.deterministic:
         set_deterministic()
     out = Path(args.output)
@@ -242,13 +241,15 @@ def _train(args, dist) -> dict:
         if main:
             log.info("resumed from %s at iteration %d", args.resume, start_it)
         del resume_obj
-    net, graphs = model, args.compile_mode == "reduce-overhead"
+    net, graphs, sync = model, args.compile_mode == "reduce-overhead", None
     if getattr(args, "cuda_graphs", False):  # the backbone: the heads' losses sync the host
         backbone_of(model).use_cuda_graphs()
+        if dist.distributed:  # not DDP: the recording must not meet DDP's hooks
+            sync = GradientAverager(model)
     elif args.compile or args.compile_mode:
         net = compile_model(model, args.compile or "model", args.compile_mode,
                             getattr(args, "compile_backend", "inductor"))
-    if dist.distributed:
+    if dist.distributed and sync is None:
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
     probe = None
@@ -297,7 +298,7 @@ def _train(args, dist) -> dict:
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {loss.item()} at iteration {it + 1}: lower --lr, "
                                 f"use --clip-grad or --amp none")
-            backward_and_step(loss, model, optimizer, scaler, args.clip_grad)
+            backward_and_step(loss, model, optimizer, scaler, args.clip_grad, sync)
             it += 1
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             if probe is not None:
