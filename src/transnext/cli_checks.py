@@ -206,6 +206,7 @@ def add_compile_flags(a) -> None:
            "after minutes of compiling; README, Performance)")
     a("--cuda-graphs", action="store_true",
       help="record the eager training step's forward and backward in CUDA graphs at the first "
-           "batch and replay them (no torch.compile; one GPU; other batch shapes run eagerly): "
-           "1.5-1.9x faster than eager TransNeXt steps, a second to record (README, "
-           "Performance)")
+           "batch and replay them (no torch.compile; one GPU, or torchrun, which then averages "
+           "the gradients after the graphed backward instead of using DDP; other batch shapes "
+           "run eagerly): 1.5-2.3x faster than eager TransNeXt steps, a second to record "
+           "(README, Performance)")
