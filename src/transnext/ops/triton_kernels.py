@@ -14,9 +14,11 @@ Kernels (one program per (batch*head, tile) unless noted):
 * ``_bwd_q_kernel`` program per (query tile, head, batch group) looping over
   the batches of its group: dq, delta, the pool_bias grad and the per-head
   parameter grads (fp32 atomic adds into (h, N, P) / per-head buffers, contended
-  only by the G batch groups, never B-way).
+  only by the G batch groups, never B-way); it also stores dS_j and the value
+  weight m_j of every (query, neighbour j) and 1/|q| (fp32, small).
 * ``_bwd_kv_local_kernel`` key tile: dk, dv by *gathering* from the w*w query
-  positions that see each key (no scatter, no atomics).
+  positions that see each key their stored dS_j and m_j (no scatter, no atomics,
+  no logits recomputed).
 * ``_bwd_kv_pool_kernel`` pooled-token tile looping over all queries: dk_pool,
   dv_pool (for long query loops split over programs with fp32 partials and the
   k_pool l2-norm backward done on their sum).
@@ -176,7 +178,7 @@ def _fwd_kernel(
 
 def _bwd_q_kernel(
     Q, K, V, KP, VP, PB, PBI, PBW, QE, TEMP, RBL, LT, LB, OUT, ORES, LSE, DO,
-    DQ, DQL, DELTA, DPB, DQE, DTEMP, DRBL, DLT, DLB,
+    DQ, DQL, DELTA, PAIRS, RQ, DPB, DQE, DTEMP, DRBL, DLT, DLB,
     sqb, sqn, sqh, sqd,
     skb, skn, skh, skd,
     svb, svn, svh, svd,
@@ -291,6 +293,16 @@ def _bwd_q_kernel(
                 o += tl.load(ORES + o_off, mask=md, other=0.0).to(tl.float32)
             delta = tl.where(row_ok, tl.sum(dof * o, 1) - tl.sum(G_t * DM_t, 1), 0.0)
             tl.store(DELTA + (b * NH + hh) * N + offs_n, delta, mask=row_ok)
+            # per (query, neighbour): dS_j and the value weight m_j = A_j + g_j, read by
+            # _bwd_kv_local_kernel instead of recomputing the logits per key; and 1/|q|
+            yy = y[:, None] + (offs_w // WIN - R)[None, :]
+            xx = x[:, None] + (offs_w % WIN - R)[None, :]
+            ok_t = row_ok[:, None] & w_ok[None, :] & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            pair = PAIRS + ((b * NH + hh) * N + offs_n[:, None]) * (2 * WW) + offs_w[None, :]
+            mw = row_ok[:, None] & w_ok[None, :]
+            tl.store(pair, A_t * (DM_t - delta[:, None]), mask=mw)
+            tl.store(pair + WW, tl.where(ok_t, A_t + G_t, 0.0), mask=mw)
+            tl.store(RQ + (b * NH + hh) * N + offs_n, 1.0 / qnc, mask=row_ok)
             dlb_acc += tl.sum(DM_t, 0)
             drbl_acc += tl.sum(A_t * (DM_t - delta[:, None]), 0)
             dlt_acc += tl.dot(tl.trans(q_hat), DM_t, input_precision=PREC)
@@ -386,10 +398,9 @@ def _bwd_q_kernel(
 
 
 def _bwd_kv_local_kernel(
-    Q, K, V, QE, TEMP, RBL, LT, LB, LSE, DELTA, DO, DK, DV,
+    Q, K, QE, TEMP, PAIRS, RQ, DO, DK, DV,
     sqb, sqn, sqh, sqd,
     skb, skn, skh, skd,
-    svb, svn, svh, svd,
     sdob, sdon, sdoh, sdod,
     sdkb, sdkn, sdkh, sdkd,
     sdvb, sdvn, sdvh, sdvd,
@@ -401,7 +412,6 @@ def _bwd_kv_local_kernel(
     # strides are passed divided by ALIGN so that the compiler sees rows aligned for vector loads
     sqb, sqn, sqh = sqb * ALIGN, sqn * ALIGN, sqh * ALIGN
     skb, skn, skh = skb * ALIGN, skn * ALIGN, skh * ALIGN
-    svb, svn, svh = svb * ALIGN, svn * ALIGN, svh * ALIGN
     sdob, sdon, sdoh = sdob * ALIGN, sdon * ALIGN, sdoh * ALIGN
     sdkb, sdkn, sdkh = sdkb * ALIGN, sdkn * ALIGN, sdkh * ALIGN
     sdvb, sdvn, sdvh = sdvb * ALIGN, sdvn * ALIGN, sdvh * ALIGN
@@ -426,8 +436,6 @@ def _bwd_kv_local_kernel(
 
     k = tl.load(K + b * skb + offs_n[:, None] * skn + hh * skh + offs_d[None, :] * skd,
                 mask=md, other=0.0).to(tl.float32)
-    v = tl.load(V + b * svb + offs_n[:, None] * svn + hh * svh + offs_d[None, :] * svd,
-                mask=md, other=0.0).to(tl.float32)
     kn = tl.sqrt(tl.sum(k * k, 1))
     knc = tl.maximum(kn, 1e-12)
     kh = k / knc[:, None]
@@ -445,20 +453,15 @@ def _bwd_kv_local_kernel(
                     mask=mk, other=0.0).to(tl.float32)
         do = tl.load(DO + b * sdob + src[:, None] * sdon + hh * sdoh + offs_d[None, :] * sdod,
                      mask=mk, other=0.0).to(tl.float32)
-        lse = tl.load(LSE + pid_bh * N + src, mask=ok, other=0.0)
-        delta = tl.load(DELTA + pid_bh * N + src, mask=ok, other=0.0)
+        # that query's dS_j, m_j and 1/|q|, written by _bwd_q_kernel
+        pair = PAIRS + (pid_bh * N + src) * (2 * WW) + j
+        dsj = tl.load(pair, mask=ok, other=0.0)
+        mj = tl.load(pair + WW, mask=ok, other=0.0)
+        rq = tl.load(RQ + pid_bh * N + src, mask=ok, other=0.0)
         ny = tl.minimum(ys + R, H - 1) - tl.maximum(ys - R, 0) + 1
         nx = tl.minimum(xs + R, W - 1) - tl.maximum(xs - R, 0) + 1
         s = tl.log(tl.maximum(ny * nx + P, 1).to(tl.float32))
-        q_hat = q / tl.maximum(tl.sqrt(tl.sum(q * q, 1)), 1e-12)[:, None]
-        qt = (q_hat + qe[None, :]) * (tau * s)[:, None]
-        lj = tl.sum(qt * kh, 1) + tl.load(RBL + hh * WW + j).to(tl.float32)
-        aj = tl.where(ok, tl.exp(lj - lse), 0.0)
-        dmj = tl.sum(do * v, 1)
-        ltj = tl.load(LT + hh * HEAD_D * WW + offs_d * WW + j, mask=d_ok, other=0.0).to(tl.float32)
-        gj = tl.sum(q_hat * ltj[None, :], 1) + tl.load(LB + hh * WW + j).to(tl.float32)
-        mj = tl.where(ok, aj + gj, 0.0)
-        dsj = aj * (dmj - delta)
+        qt = (q * rq[:, None] + qe[None, :]) * (tau * s)[:, None]
         dkh += dsj[:, None] * qt
         dv += mj[:, None] * do
 
@@ -754,6 +757,8 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     dkp = torch.empty((B, P, h, d), dtype=k_pool.dtype, device=dev)
     dvp = torch.empty((B, P, h, d), dtype=v_pool.dtype, device=dev)
     delta = torch.empty((B, h, N), dtype=f32, device=dev)
+    pairs = torch.empty((B, h, N, 2, WW), dtype=f32, device=dev)  # dS_j and m_j per query
+    rq = torch.empty((B, h, N), dtype=f32, device=dev)
 
     small = (query_embedding, temperature, rel_bias_local, learnable_tokens, learnable_bias)
     zf = dict(dtype=f32, device=dev)
@@ -792,7 +797,7 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
                      torch.empty((h, N, P), **zf) if excl else torch.zeros((h, N, P), **zf))
         launch(_bwd_q_kernel, q, (n_tiles, h, G),
             q, k, v, k_pool, v_pool, pool_bias, pb_idx, pb_w, qe, temp, rbl, lt, lb, out,
-            out_res if out_res.numel() else out, lse, dout, dq, dql, delta,
+            out_res if out_res.numel() else out, lse, dout, dq, dql, delta, pairs, rq,
             dpb_f if pool else dql, dqe_f, dtemp_f, drbl_f, dlt_f, dlb_f,
             *_sd(q, al), *_sd(k, al), *_sd(v, al), *_sd(k_pool, al), *_sd(v_pool, al),
             *_strides(pool_bias), *_sd(dout, al), *_sd(dq, al),
@@ -803,8 +808,8 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
         )
     D, BLOCK_N, _, kw = _cfg("bwd_kv_local", N, P, d, q.is_cuda)
     launch(_bwd_kv_local_kernel, q, (triton.cdiv(N, BLOCK_N), B * h),
-        q, k, v, qe, temp, rbl, lt, lb, lse, delta, dout, dk, dv,
-        *_sd(q, al), *_sd(k, al), *_sd(v, al), *_sd(dout, al), *_sd(dk, al), *_sd(dv, al),
+        q, k, qe, temp, pairs, rq, dout, dk, dv,
+        *_sd(q, al), *_sd(k, al), *_sd(dout, al), *_sd(dk, al), *_sd(dv, al),
         N, P, H, W, h,
         HEAD_D=d, D=D, WIN=window, BLOCK_N=BLOCK_N, ALIGN=al, **kw,
     )
