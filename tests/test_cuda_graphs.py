@@ -62,6 +62,34 @@ def test_on_cpu_the_wrapper_is_the_module():
         GraphedForward(m, warmup=0)
 
 
+def test_recording_is_thread_local_on_every_torch(monkeypatch):
+    """Thread-local capture (NCCL's watchdog thread must not invalidate a recording under
+    torchrun): a keyword where make_graphed_callables takes one, else torch.cuda.graph made
+    thread-local for the call (torch 2.11's make_graphed_callables has no such keyword) and
+    put back after it."""
+    import inspect
+
+    from transnext.engine import cuda_graphs as cg
+    plain = torch.cuda.graph
+    if "capture_error_mode" in inspect.signature(torch.cuda.make_graphed_callables).parameters:
+        with cg._thread_local_capture() as kw:
+            assert kw == {"capture_error_mode": "thread_local"} and torch.cuda.graph is plain
+
+    def older(callables, sample_args, num_warmup_iters=3, allow_unused_input=False,
+              pool=None):  # the signature torch 2.11 has
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", older)
+    with cg._thread_local_capture() as kw:
+        assert kw == {}
+        made = torch.cuda.graph
+        assert made is not plain and issubclass(made, plain)
+        assert torch.cuda.graphs.graph is made
+        default = inspect.signature(made.__init__).parameters["capture_error_mode"].default
+        assert default == "thread_local"
+    assert torch.cuda.graph is plain and torch.cuda.graphs.graph is plain
+
+
 def test_preconditions_are_one_clear_error_each():
     gpu = torch.device("cuda", 0)
     with pytest.raises(UserError, match="needs a CUDA device"):
