@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -131,8 +132,10 @@ def test_two_process_gloo_train_and_eval(mosaics, tmp_path):
     assert 0 <= ck["metrics"]["val_bbox_AP"] <= 100
     ev = ["det", "eval", "--checkpoint", str(out / "last.pth"), "--data-dir", str(mosaics),
           "--workers", "0", "--threads", "1"]
-    run_ok([PY, "-m", "transnext", *ev, "--json", str(tmp_path / "one.json")])
-    run_ok(torchrun(*ev, "--json", str(tmp_path / "two.json")))  # 5 images: 3 + 2
+    one_cmd = [PY, "-m", "transnext", *ev, "--json", str(tmp_path / "one.json")]
+    two_cmd = torchrun(*ev, "--json", str(tmp_path / "two.json"))  # 5 images: 3 + 2
+    with ThreadPoolExecutor(2) as pool:  # the one-process eval beside the pair
+        list(pool.map(run_ok, (one_cmd, two_cmd)))
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     assert one["images"] == two["images"] == 5 and two["processes"] == 2
@@ -185,64 +188,79 @@ def _copy_set(src: Path, dst: Path) -> Path:
 
 @needs_fmnist
 def test_bad_input_is_one_line(mosaics, tmp_path, capsys):
-    # a missing annotation file
-    d = _copy_set(mosaics, tmp_path / "noann")
-    (d / "annotations" / "instances_train2017.json").unlink()
-    line = _cli(*_train_cmd(d, tmp_path / "o1"))
-    assert "annotation file not found" in line and "instances_train2017.json" in line
-    # a corrupt image: named up front by the check, and at load time with --no-verify
-    d = _copy_set(mosaics, tmp_path / "corrupt")
-    (d / "val2017" / "00002.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
-    line = _cli(*_train_cmd(d, tmp_path / "o2"))
-    assert "00002.png (id 3): unreadable" in line
-    # an annotation that is not COCO's: the json and the annotation id
-    d = _copy_set(mosaics, tmp_path / "badann")
-    ann = d / "annotations" / "instances_val2017.json"
-    data = json.loads(ann.read_text())
-    data["annotations"][1]["bbox"] = [1, 2, 3]
-    ann.write_text(json.dumps(data))
-    assert main(_train_cmd(d, tmp_path / "o3")) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "instances_val2017.json" in err[0]
-    assert f"annotation {data['annotations'][1]['id']} has bbox" in err[0]
-    # no training image left after filtering
-    d = _copy_set(mosaics, tmp_path / "empty")
-    ann = d / "annotations" / "instances_train2017.json"
-    data = json.loads(ann.read_text())
-    for a in data["annotations"]:
-        a["bbox"][2] = 0.5
-    ann.write_text(json.dumps(data))
-    assert main(_train_cmd(d, tmp_path / "o4")) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no training image left" in err[0] and "8 image(s)" in err[0]
-    # checkpoints of another task, variant or class count
+    from concurrent.futures import ThreadPoolExecutor
+
     import transnext
+    from transnext.tasks.detection.evaluate import CONFIG_KEY
+    from transnext.tasks.detection.maskrcnn import build_maskrcnn
+
+    # the inputs of the console-script cases first: those run in the background, two at a
+    # time (each start imports torch), while the cases through main() run here
+    # a missing annotation file
+    noann = _copy_set(mosaics, tmp_path / "noann")
+    (noann / "annotations" / "instances_train2017.json").unlink()
+    # a corrupt image: named up front by the check, and at load time with --no-verify
+    corrupt = _copy_set(mosaics, tmp_path / "corrupt")
+    (corrupt / "val2017" / "00002.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    # checkpoints of another task, variant or class count
     cls = tmp_path / "femto_cls.pth"
     torch.save({"model": transnext.create_model("transnext_femto", num_classes=10).state_dict(),
                 "model_name": "transnext_femto"}, cls)
-    line = _cli("det", "eval", "--checkpoint", str(cls), "--data-dir", str(mosaics))
-    assert "classification checkpoint of transnext_femto" in line and "not a detector" in line
-    from transnext.tasks.detection.evaluate import CONFIG_KEY
-    from transnext.tasks.detection.maskrcnn import build_maskrcnn
     cfg = dict(arch="mask-rcnn", model="transnext_femto", num_classes=3, pos_bias="extrapolate",
                pretrain_size=64, min_size=64, max_size=64, fpn_channels=16, box_fc=32,
                mask_channels=16)
     net = build_maskrcnn(**{k: v for k, v in cfg.items() if k != "arch"})
     torch.save({"model": net.state_dict(), CONFIG_KEY: cfg}, tmp_path / "three.pth")
-    line = _cli("det", "eval", "--checkpoint", str(tmp_path / "three.pth"), "--data-dir",
-                str(mosaics), "--model", "transnext_micro")
-    assert "transnext_femto, not transnext_micro" in line
-    assert main(["det", "eval", "--checkpoint", str(tmp_path / "three.pth"), "--data-dir",
-                 str(mosaics)]) == 2
-    err = capsys.readouterr().err
-    assert "predicts 3 classes" in err and "10 categories" in err
-    assert main(_train_cmd(mosaics, tmp_path / "o5", "--pretrained",
-                           str(tmp_path / "three.pth"))) == 2
-    err = capsys.readouterr().err
-    assert "mask-rcnn on transnext_femto with 3 classes" in err and "with 10 classes" in err
-    assert main(_train_cmd(mosaics, tmp_path / "o6", "--model", "transnext_micro",
-                           "--pretrained", str(cls))) == 2
-    assert "transnext_femto" in capsys.readouterr().err
+    cases = {
+        "noann": _train_cmd(noann, tmp_path / "o1"),
+        "corrupt": _train_cmd(corrupt, tmp_path / "o2"),
+        "classification": ["det", "eval", "--checkpoint", str(cls), "--data-dir", str(mosaics)],
+        "variant": ["det", "eval", "--checkpoint", str(tmp_path / "three.pth"), "--data-dir",
+                    str(mosaics), "--model", "transnext_micro"],
+    }
+    with ThreadPoolExecutor(2) as pool:
+        lines = {name: pool.submit(_cli, *args) for name, args in cases.items()}
+
+        # an annotation that is not COCO's: the json and the annotation id
+        d = _copy_set(mosaics, tmp_path / "badann")
+        ann = d / "annotations" / "instances_val2017.json"
+        data = json.loads(ann.read_text())
+        data["annotations"][1]["bbox"] = [1, 2, 3]
+        ann.write_text(json.dumps(data))
+        assert main(_train_cmd(d, tmp_path / "o3")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "instances_val2017.json" in err[0]
+        assert f"annotation {data['annotations'][1]['id']} has bbox" in err[0]
+        # no training image left after filtering
+        d = _copy_set(mosaics, tmp_path / "empty")
+        ann = d / "annotations" / "instances_train2017.json"
+        data = json.loads(ann.read_text())
+        for a in data["annotations"]:
+            a["bbox"][2] = 0.5
+        ann.write_text(json.dumps(data))
+        assert main(_train_cmd(d, tmp_path / "o4")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no training image left" in err[0] and "8 image(s)" in err[0]
+        # a detector of another class count
+        assert main(["det", "eval", "--checkpoint", str(tmp_path / "three.pth"), "--data-dir",
+                     str(mosaics)]) == 2
+        err = capsys.readouterr().err
+        assert "predicts 3 classes" in err and "10 categories" in err
+        assert main(_train_cmd(mosaics, tmp_path / "o5", "--pretrained",
+                               str(tmp_path / "three.pth"))) == 2
+        err = capsys.readouterr().err
+        assert "mask-rcnn on transnext_femto with 3 classes" in err and "with 10 classes" in err
+        assert main(_train_cmd(mosaics, tmp_path / "o6", "--model", "transnext_micro",
+                               "--pretrained", str(cls))) == 2
+        assert "transnext_femto" in capsys.readouterr().err
+
+        lines = {name: f.result() for name, f in lines.items()}
+    assert "annotation file not found" in lines["noann"]
+    assert "instances_train2017.json" in lines["noann"]
+    assert "00002.png (id 3): unreadable" in lines["corrupt"]
+    assert "classification checkpoint of transnext_femto" in lines["classification"]
+    assert "not a detector" in lines["classification"]
+    assert "transnext_femto, not transnext_micro" in lines["variant"]
 
 
 def test_bf16_autocast_keeps_boxes_in_float32():

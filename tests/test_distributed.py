@@ -19,6 +19,13 @@ def _run(cmd, timeout=300):
     return p
 
 
+def _run_together(*cmds):
+    """Start the commands at once (independent runs: the one-process run beside the pair)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(cmds)) as pool:
+        return list(pool.map(_run, cmds))
+
+
 def torchrun(nproc, *args):
     return [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
             "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "transnext", *args]
@@ -29,10 +36,11 @@ def test_two_process_first_step_equals_one_process(tiny_folder, tmp_path, model_
               "--input-size", "32", "--workers", "0", "--train-aug", "none", "--drop-path", "0",
               "--no-progress", "--no-tensorboard", "--seed", "0", "--stop-after-epochs", "1"]
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    _run([PY, "-m", "transnext", *common, "--batch-size", "8", "--output", str(tmp_path / "o1"),
-          "--debug-first-step", str(one)])
-    p = _run(torchrun(2, *common, "--batch-size", "4", "--output", str(tmp_path / "o2"),
-                      "--debug-first-step", str(two)))
+    _, p = _run_together(
+        [PY, "-m", "transnext", *common, "--batch-size", "8", "--output", str(tmp_path / "o1"),
+         "--debug-first-step", str(one)],
+        torchrun(2, *common, "--batch-size", "4", "--output", str(tmp_path / "o2"),
+                 "--debug-first-step", str(two)))
     assert "2 ranks" in p.stderr
     a = torch.load(one, weights_only=True)
     b = torch.load(two, weights_only=True)
@@ -55,8 +63,8 @@ def test_distributed_eval_uneven_shards(tiny_folder, tmp_path, model_name):
           "--no-progress", "--no-tensorboard", "--output", str(out)])
     ev = ["eval", "--model", model_name, "--checkpoint", str(out / "last.pth"), "--data-dir",
           str(tiny_folder), "--input-size", "32", "--batch-size", "2", "--workers", "0"]
-    _run([PY, "-m", "transnext", *ev, "--json", str(tmp_path / "e1.json")])
-    _run(torchrun(2, *ev, "--json", str(tmp_path / "e2.json")))
+    _run_together([PY, "-m", "transnext", *ev, "--json", str(tmp_path / "e1.json")],
+                  torchrun(2, *ev, "--json", str(tmp_path / "e2.json")))
     r1 = json.loads((tmp_path / "e1.json").read_text())["rows"][0]
     r2 = json.loads((tmp_path / "e2.json").read_text())["rows"][0]
     assert r1["count"] == r2["count"] == 9

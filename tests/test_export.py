@@ -2,6 +2,8 @@
 torch.export programs against eager PyTorch at fixed and dynamic sizes, CLI errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
@@ -94,37 +96,76 @@ def test_onnx_fixed_size(tmp_path):
         np.testing.assert_allclose(y, m(x).numpy(), rtol=1e-4, atol=1e-5)
 
 
+def _dynamic_export(case: str, out_dir: str) -> ex.ExportResult:
+    """One dynamic export and its checks (run in a worker process of ``dynamic_exports``)."""
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    if case == "onnx_classifier_extrapolate":
+        return ex.export_model(small(), out / "d.onnx", "onnx", (64, 64), dynamic=True)
+    if case == "onnx_features_interpolate_linear":
+        net = small(num_classes=0, pos_bias="interpolate", img_size=64, fixed_pool_size=3)
+        from timm.models._features import FeatureGetterNet
+        backbone = FeatureGetterNet(net, out_indices=(0, 1, 2, 3)).eval()
+        return ex.export_model(backbone, out / "f.onnx", "onnx", (64, 80), dynamic=True)
+    if case == "exported_program_interpolate":
+        m = small(pos_bias="interpolate", img_size=64)
+        return ex.export_model(m, out / "m.pt2", "exported-program", (64, 64), dynamic=True)
+    raise ValueError(case)
+
+
+DYNAMIC_CASES = ("onnx_classifier_extrapolate", "onnx_features_interpolate_linear",
+                 "exported_program_interpolate")
+
+
+@pytest.fixture(scope="module")
+def dynamic_exports(tmp_path_factory):
+    """The three dynamic exports (tracing with symbolic sizes: half a minute each on one
+    core), started together in worker processes of their own so that they share the
+    cores; each test waits for its own result and checks it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(len(DYNAMIC_CASES),
+                               mp_context=multiprocessing.get_context("spawn"))
+    futures = {}
+    for case in DYNAMIC_CASES:
+        out = tmp_path_factory.mktemp(case)
+        futures[case] = (pool.submit(_dynamic_export, case, str(out)), out)
+    try:
+        yield {case: (lambda f=f, out=out: (f.result(timeout=600), out))
+               for case, (f, out) in futures.items()}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 @pytest.mark.slow
-def test_onnx_dynamic_classifier_extrapolate(tmp_path):
-    m = small()
-    res = ex.export_model(m, tmp_path / "d.onnx", "onnx", (64, 64), dynamic=True)
+def test_onnx_dynamic_classifier_extrapolate(dynamic_exports):
+    res, out = dynamic_exports["onnx_classifier_extrapolate"]()
+    assert res.path == out / "d.onnx" and res.path.is_file()
     assert [c["size"] for c in res.checks] == [[64, 64], [200, 333], [97, 61]]
     assert res.worst_rel < 1e-4, res.checks
-    shape = _ort_input_shape(tmp_path / "d.onnx")
+    shape = _ort_input_shape(out / "d.onnx")
     assert shape[:2] == [1, 3] and all(isinstance(s, str) for s in shape[2:])
 
 
 @pytest.mark.slow
-def test_onnx_dynamic_features_only_interpolate_linear(tmp_path):
+def test_onnx_dynamic_features_only_interpolate_linear(dynamic_exports):
     """A features_only backbone (timm's wrapper), interpolate bias mode and linear mode in
     one dynamic file: four stage maps at every size."""
-    net = small(num_classes=0, pos_bias="interpolate", img_size=64, fixed_pool_size=3)
-    from timm.models._features import FeatureGetterNet
-    backbone = FeatureGetterNet(net, out_indices=(0, 1, 2, 3)).eval()
-    res = ex.export_model(backbone, tmp_path / "f.onnx", "onnx", (64, 80), dynamic=True)
+    res, out = dynamic_exports["onnx_features_interpolate_linear"]()
     assert res.min_size == 33
     assert [c["size"] for c in res.checks] == [[64, 80], [200, 333], [97, 61]]
     assert res.worst_rel < 1e-4, res.checks
-    sess = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(out / "f.onnx"), providers=["CPUExecutionProvider"])
     outs = sess.run(None, {"image": np.random.randn(1, 3, 97, 61).astype(np.float32)})
     assert [o.shape for o in outs] == [(1, 8, 25, 16), (1, 16, 13, 8), (1, 16, 7, 4),
                                        (1, 24, 4, 2)]
 
 
 @pytest.mark.slow
-def test_exported_program_dynamic_interpolate(tmp_path):
-    m = small(pos_bias="interpolate", img_size=64)
-    res = ex.export_model(m, tmp_path / "m.pt2", "exported-program", (64, 64), dynamic=True)
+def test_exported_program_dynamic_interpolate(dynamic_exports):
+    res, out = dynamic_exports["exported_program_interpolate"]()
+    assert res.path == out / "m.pt2" and res.path.is_file()
     assert len(res.checks) == 3 and res.worst_rel < 1e-4, res.checks
 
 

@@ -54,28 +54,57 @@ def compare_backends(device: str, size: tuple[int, int], batch: int, dtype=torch
     return err
 
 
-def _run_child(pool_bias: str, *args: str) -> dict:
+CHILD_CASES = {"dense": ("dense", ()), "factored": ("factored", ()),
+               "auto-large": ("auto", ("--no-dense-cache",))}
+
+
+def _start_child(pool_bias: str, args, log_dir) -> tuple:
     env = dict(os.environ, TRITON_INTERPRET="1", TRANSNEXT_POOL_BIAS=pool_bias)
     env.pop("TRANSNEXT_ATTN_BACKEND", None)
-    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out, err = log_dir / f"{pool_bias}{len(args)}.out", log_dir / f"{pool_bias}{len(args)}.err"
+    with open(out, "w") as fo, open(err, "w") as fe:  # files: no child waits on a reader
+        proc = subprocess.Popen([sys.executable, __file__, *args], env=env, stdout=fo,
+                                stderr=fe)
+    return proc, out, err
 
 
-@pytest.mark.parametrize("pool_bias,args", [("dense", ()), ("factored", ()),
-                                             ("auto", ("--no-dense-cache",))],
-                         ids=["dense", "factored", "auto-large"])
-def test_whole_model_triton_matches_reference_cpu_interpreter(pool_bias, args):
-    """Both forms of the pool bias the kernels read (ops.position_bias), every stage kind,
-    training and inference; ``auto-large``: inference at sizes whose dense bias is too large
-    to cache (DENSE_CACHE_MAX_BYTES set to 0) reads the factored one."""
+def _child_result(child) -> dict:
+    proc, out, err = child
+    try:
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    return json.loads(out.read_text().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def interpreter_children(tmp_path_factory):
+    """The three CPU-interpreter comparisons, started together (each a single-threaded
+    process: they share the cores instead of queueing); each test reads its own."""
     pytest.importorskip("triton")
     from triton_env import interpreter_problem
 
     if interpreter_problem():
         pytest.skip(interpreter_problem())
-    err = _run_child(pool_bias, *args)
+    log_dir = tmp_path_factory.mktemp("backend_children")
+    children = {k: _start_child(pb, args, log_dir) for k, (pb, args) in CHILD_CASES.items()}
+    yield children
+    for proc, _, _ in children.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("case", list(CHILD_CASES))
+def test_whole_model_triton_matches_reference_cpu_interpreter(case, interpreter_children):
+    """Both forms of the pool bias the kernels read (ops.position_bias), every stage kind,
+    training and inference; ``auto-large``: inference at sizes whose dense bias is too large
+    to cache (DENSE_CACHE_MAX_BYTES set to 0) reads the factored one."""
+    pool_bias = CHILD_CASES[case][0]
+    err = _child_result(interpreter_children[case])
     assert err["logits"] < 1e-4, err
     assert err["grad"] < 1e-3, err
     assert err["infer_logits"] < 1e-4, err

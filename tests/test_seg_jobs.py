@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -274,8 +275,10 @@ def test_two_process_gloo_train_and_eval(mosaics, tmp_path):
     assert torch.load(out / "last.pth", weights_only=True)["iter"] == 2
     ev = ["seg", "eval", "--checkpoint", str(out / "last.pth"), "--data-dir", str(mosaics),
           "--workers", "0"]
-    run_ok([PY, "-m", "transnext", *ev, "--json", str(tmp_path / "one.json")])
-    run_ok(torchrun(*ev, "--json", str(tmp_path / "two.json")))  # 7 images: 4 + 3
+    one_cmd = [PY, "-m", "transnext", *ev, "--json", str(tmp_path / "one.json")]
+    two_cmd = torchrun(*ev, "--json", str(tmp_path / "two.json"))  # 7 images: 4 + 3
+    with ThreadPoolExecutor(2) as pool:  # the one-process eval beside the pair
+        list(pool.map(run_ok, (one_cmd, two_cmd)))
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     assert one["pixels"] == two["pixels"] == 7 * 32 * 32

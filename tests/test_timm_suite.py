@@ -6,7 +6,8 @@ in a child pytest with ``tests/timm_suite_plugin.py``, which keeps the TransNeXt
 and applies this family's exclusions (hub downloads; TorchScript, see the plugin).
 The tests run at timm's own reduced sizes (forward at the default 224, 256 for
 micro_aaaa; backward and FX 128; features 96; the config checks, 384 fine-tunes
-included, on the meta device). About 2 minutes on a 2-core CPU.
+included, on the meta device). The items run in two child pytests side by side (``SHARDS``,
+each about half the work, one thread each): about a minute on a 2-core CPU.
 
 timm parametrises its forward_intermediates and pruning tests by a list of its own
 model modules only; ``test_timm_intermediates_tests`` calls those test functions of the
@@ -19,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -62,10 +64,16 @@ def _outcomes(junit: Path) -> dict[tuple[str, str], tuple[str, str]]:
     return out
 
 
+# The two halves of the suite's items (-k expressions, complements of each other): the
+# two large variants (their 384 config checks, on the meta device, apart), and the rest.
+# About a minute of one core each; the large variants' FX runs never side by side (memory).
+_LARGE = "(transnext_small or transnext_base) and not in1k_384"
+SHARDS = (_LARGE, f"not ({_LARGE})")
+
+
 @pytest.mark.slow
 def test_timm_model_suite(tmp_path):
     path = _timm_test_file()
-    junit = tmp_path / "timm_models.xml"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO / "src"), str(REPO / "tests"), env.get("PYTHONPATH", "")])
@@ -74,17 +82,32 @@ def test_timm_model_suite(tmp_path):
     for name in ("GITHUB_ACTIONS", "TORCH_DEVICE", "TORCH_BACKEND", "TIMEOUT",
                  "TRANSNEXT_ATTN_BACKEND"):
         env.pop(name, None)
-    cmd = [sys.executable, "-m", "pytest", str(path), "-p", "timm_suite_plugin",
-           "-p", "no:cacheprovider", "-q", f"--junitxml={junit}"]
+    junits = [tmp_path / f"timm_models_{i}.xml" for i in range(len(SHARDS))]
+    cmds = [[sys.executable, "-m", "pytest", str(path), "-p", "timm_suite_plugin",
+             "-p", "no:cacheprovider", "-q", "-k", k, f"--junitxml={junit}"]
+            for k, junit in zip(SHARDS, junits)]
+    logs = [tmp_path / f"timm_models_{i}.log" for i in range(len(SHARDS))]
+    procs = []
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=900)
+        for cmd, log in zip(cmds, logs):
+            with open(log, "w") as f:  # a file, not a pipe: neither child waits on a reader
+                procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f,
+                                              stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 900
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         pytest.fail("timm's test_models.py on the TransNeXt models ran over 900 s")
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
-    assert proc.returncode == 0, f"timm's test_models.py failed ({' '.join(cmd)}):\n{tail}"
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for cmd, proc, log in zip(cmds, procs, logs):
+        tail = "\n".join(log.read_text().splitlines()[-60:])
+        assert proc.returncode == 0, f"timm's test_models.py failed ({' '.join(cmd)}):\n{tail}"
 
-    got = _outcomes(junit)
+    got = {k: v for junit in junits for k, v in _outcomes(junit).items()}
     variants = sorted(transnext.MODEL_NAMES)
     tags = timm.list_models("transnext_*", include_tags=True)
     assert len(variants) == 6 and len(tags) == 8, (variants, tags)
