@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .position_bias import FactoredBias
 from .position_bias_triton import expand_factored, reduce_factored_grad
-from .triton_launch import launch, sm_count
+from .triton_launch import device_fn, launch, sm_count
 
 _EPS = 1e-12  # F.normalize's eps
 
@@ -46,6 +46,39 @@ _EPS = 1e-12  # F.normalize's eps
 # ----------------------------------------------------------------------------
 # kernels (plain functions; triton_launch.kernel() wraps them)
 # ----------------------------------------------------------------------------
+
+def _pool_bias_tile(PB, PBI, PBW, hh, spbh, spbn, spbp, offs_n, offs_p, y, x, H, HK, WK, mnp,
+                    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, JT: tl.constexpr,
+                    HAS_W: tl.constexpr):
+    """The (BLOCK_N, BLOCK_P) position-bias tile in fp32: read from the dense (h, N, P) bias
+    (JT == 0), or the sum of JT taps gathered from rows of the factored (h, R, W * WK)
+    table (ops.position_bias)."""
+    if JT == 0:
+        pb = tl.load(PB + hh * spbh + offs_n[:, None] * spbn + offs_p[None, :] * spbp,
+                     mask=mnp, other=0.0).to(tl.float32)
+    else:
+        pb_rows, pb_cols = _factored_rows_cols(offs_p, y, x, HK, WK)
+        pb = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
+        for tap in tl.static_range(JT):
+            a = tl.load(PBI + tap * H * HK + pb_rows, mask=mnp, other=0)
+            pbt = tl.load(PB + hh * spbh + a * spbn + pb_cols * spbp, mask=mnp,
+                          other=0.0).to(tl.float32)
+            if HAS_W:
+                pbt = pbt * tl.load(PBW + tap * H * HK + pb_rows, mask=mnp, other=0.0)
+            pb += pbt
+    return pb
+
+
+def _factored_rows_cols(offs_p, y, x, HK, WK):
+    """Index rows of the factored table's taps and its columns, per (query, pooled token)."""
+    pb_rows = (y * HK)[:, None] + (offs_p // WK)[None, :]
+    pb_cols = (x * WK)[:, None] + (offs_p % WK)[None, :]
+    return pb_rows, pb_cols
+
+
+_pool_bias_tile = device_fn(_pool_bias_tile)
+_factored_rows_cols = device_fn(_factored_rows_cols)
+
 
 def _fwd_kernel(
     Q, K, V, KP, VP, PB, PBI, PBW, QE, TEMP, RBL, LT, LB, OUT, LSE, ORES,
@@ -123,20 +156,8 @@ def _fwd_kernel(
         kph = kp / tl.maximum(tl.sqrt(tl.sum(kp * kp, 1)), 1e-12)[:, None]
         sc = tl.dot(qt, tl.trans(kph), input_precision=PREC)
         mnp = row_ok[:, None] & p_ok[None, :]
-        if JT == 0:
-            pb = tl.load(PB + hh * spbh + offs_n[:, None] * spbn + offs_p[None, :] * spbp,
-                         mask=mnp, other=0.0).to(tl.float32)
-        else:  # factored (ops.position_bias): gather rows of the (h, R, W * WK) table
-            pb_rows = (y * HK)[:, None] + (offs_p // WK)[None, :]
-            pb_cols = (x * WK)[:, None] + (offs_p % WK)[None, :]
-            pb = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
-            for tap in tl.static_range(JT):  # not j: j is a loop-carried int here (compiler)
-                a = tl.load(PBI + tap * H * HK + pb_rows, mask=mnp, other=0)
-                pbt = tl.load(PB + hh * spbh + a * spbn + pb_cols * spbp, mask=mnp,
-                              other=0.0).to(tl.float32)
-                if HAS_W:
-                    pbt = pbt * tl.load(PBW + tap * H * HK + pb_rows, mask=mnp, other=0.0)
-                pb += pbt
+        pb = _pool_bias_tile(PB, PBI, PBW, hh, spbh, spbn, spbp, offs_n, offs_p, y, x, H, HK,
+                             WK, mnp, BLOCK_N, BLOCK_P, JT, HAS_W)
         sc = tl.where(p_ok[None, :], sc + pb, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         alpha = tl.exp(m_i - m_new)
@@ -298,10 +319,11 @@ def _bwd_q_kernel(
             yy = y[:, None] + (offs_w // WIN - R)[None, :]
             xx = x[:, None] + (offs_w % WIN - R)[None, :]
             ok_t = row_ok[:, None] & w_ok[None, :] & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-            pair = PAIRS + ((b * NH + hh) * N + offs_n[:, None]) * (2 * WW) + offs_w[None, :]
+            # (B, h, 2, w*w, N): the query index innermost, coalesced here and in the gather
+            pair = PAIRS + ((b * NH + hh) * (2 * WW) + offs_w[None, :]) * N + offs_n[:, None]
             mw = row_ok[:, None] & w_ok[None, :]
             tl.store(pair, A_t * (DM_t - delta[:, None]), mask=mw)
-            tl.store(pair + WW, tl.where(ok_t, A_t + G_t, 0.0), mask=mw)
+            tl.store(pair + WW * N, tl.where(ok_t, A_t + G_t, 0.0), mask=mw)
             tl.store(RQ + (b * NH + hh) * N + offs_n, 1.0 / qnc, mask=row_ok)
             dlb_acc += tl.sum(DM_t, 0)
             drbl_acc += tl.sum(A_t * (DM_t - delta[:, None]), 0)
@@ -325,20 +347,8 @@ def _bwd_q_kernel(
                              + offs_d[None, :] * svpd, mask=mp, other=0.0)
                 kph = kp / tl.maximum(tl.sqrt(tl.sum(kp * kp, 1)), 1e-12)[:, None]
                 sc = tl.dot(qt, tl.trans(kph), input_precision=PREC)
-                if JT == 0:
-                    pb = tl.load(PB + hh * spbh + offs_n[:, None] * spbn
-                                 + offs_p[None, :] * spbp, mask=mnp, other=0.0).to(tl.float32)
-                else:  # factored (ops.position_bias): gather rows of the (h, R, W * WK) table
-                    pb_rows = (y * HK)[:, None] + (offs_p // WK)[None, :]
-                    pb_cols = (x * WK)[:, None] + (offs_p % WK)[None, :]
-                    pb = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
-                    for tap in tl.static_range(JT):
-                        a = tl.load(PBI + tap * H * HK + pb_rows, mask=mnp, other=0)
-                        pbt = tl.load(PB + hh * spbh + a * spbn + pb_cols * spbp, mask=mnp,
-                                      other=0.0).to(tl.float32)
-                        if HAS_W:
-                            pbt *= tl.load(PBW + tap * H * HK + pb_rows, mask=mnp, other=0.0)
-                        pb += pbt
+                pb = _pool_bias_tile(PB, PBI, PBW, hh, spbh, spbn, spbp, offs_n, offs_p, y,
+                                     x, H, HK, WK, mnp, BLOCK_N, BLOCK_P, JT, HAS_W)
                 ap = tl.where(mnp, tl.exp(sc + pb - lse[:, None]), 0.0)
                 if IS_F32:
                     da = tl.dot(dof, tl.trans(vp.to(tl.float32)), input_precision="ieee")
@@ -347,6 +357,7 @@ def _bwd_q_kernel(
                 ds = ap * (da - delta[:, None])
                 dqt += tl.dot(ds, kph, input_precision=PREC)
                 if JT > 0:  # scatter into the rows of the factored table (same strides as PB)
+                    pb_rows, pb_cols = _factored_rows_cols(offs_p, y, x, HK, WK)
                     for tap in tl.static_range(JT):
                         a = tl.load(PBI + tap * H * HK + pb_rows, mask=mnp, other=0)
                         dsj = ds
@@ -454,9 +465,9 @@ def _bwd_kv_local_kernel(
         do = tl.load(DO + b * sdob + src[:, None] * sdon + hh * sdoh + offs_d[None, :] * sdod,
                      mask=mk, other=0.0).to(tl.float32)
         # that query's dS_j, m_j and 1/|q|, written by _bwd_q_kernel
-        pair = PAIRS + (pid_bh * N + src) * (2 * WW) + j
+        pair = PAIRS + (pid_bh * 2 * WW + j) * N + src
         dsj = tl.load(pair, mask=ok, other=0.0)
-        mj = tl.load(pair + WW, mask=ok, other=0.0)
+        mj = tl.load(pair + WW * N, mask=ok, other=0.0)
         rq = tl.load(RQ + pid_bh * N + src, mask=ok, other=0.0)
         ny = tl.minimum(ys + R, H - 1) - tl.maximum(ys - R, 0) + 1
         nx = tl.minimum(xs + R, W - 1) - tl.maximum(xs - R, 0) + 1
@@ -538,20 +549,8 @@ def _bwd_kv_pool_kernel(
         q_hat = q / tl.maximum(tl.sqrt(tl.sum(q * q, 1)), 1e-12)[:, None]
         qt = (q_hat + qe[None, :]) * (tau * s)[:, None]
         sc = tl.dot(qt, tl.trans(kph), input_precision=PREC)
-        if JT == 0:
-            pb = tl.load(PB + hh * spbh + offs_n[:, None] * spbn + offs_p[None, :] * spbp,
-                         mask=mnp, other=0.0).to(tl.float32)
-        else:  # factored (ops.position_bias): gather rows of the (h, R, W * WK) table
-            pb_rows = (y * HK)[:, None] + (offs_p // WK)[None, :]
-            pb_cols = (x * WK)[:, None] + (offs_p % WK)[None, :]
-            pb = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
-            for tap in tl.static_range(JT):
-                a = tl.load(PBI + tap * H * HK + pb_rows, mask=mnp, other=0)
-                pbt = tl.load(PB + hh * spbh + a * spbn + pb_cols * spbp, mask=mnp,
-                              other=0.0).to(tl.float32)
-                if HAS_W:
-                    pbt = pbt * tl.load(PBW + tap * H * HK + pb_rows, mask=mnp, other=0.0)
-                pb += pbt
+        pb = _pool_bias_tile(PB, PBI, PBW, hh, spbh, spbn, spbp, offs_n, offs_p, y, x, H, HK,
+                             WK, mnp, BLOCK_N, BLOCK_P, JT, HAS_W)
         ap = tl.where(mnp, tl.exp(sc + pb - lse[:, None]), 0.0)
         if IS_F32:
             dof = do.to(tl.float32)
@@ -757,7 +756,7 @@ def _bwd_impl(q, k, v, k_pool, v_pool, pool_bias, query_embedding, temperature,
     dkp = torch.empty((B, P, h, d), dtype=k_pool.dtype, device=dev)
     dvp = torch.empty((B, P, h, d), dtype=v_pool.dtype, device=dev)
     delta = torch.empty((B, h, N), dtype=f32, device=dev)
-    pairs = torch.empty((B, h, N, 2, WW), dtype=f32, device=dev)  # dS_j and m_j per query
+    pairs = torch.empty((B, h, 2, WW, N), dtype=f32, device=dev)  # dS_j and m_j per query
     rq = torch.empty((B, h, N), dtype=f32, device=dev)
 
     small = (query_embedding, temperature, rel_bias_local, learnable_tokens, learnable_bias)

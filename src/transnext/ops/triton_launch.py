@@ -25,6 +25,25 @@ def kernel(fn, interpret: bool):
     return k
 
 
+class _DeviceFn(triton.JITFunction):
+    """A ``triton.jit`` helper that kernels call. Compiled kernels inline it as usual; the
+    interpreter (used here for CPU tensors without ``TRITON_INTERPRET``) calls it as a plain
+    function, which a ``JITFunction`` refuses, so that call runs it interpreted."""
+
+    def __call__(self, *args, **kwargs):
+        if self._interpreted is None:
+            from triton.runtime.interpreter import InterpretedFunction
+            self._interpreted = InterpretedFunction(self.fn)
+        return self._interpreted(*args, **kwargs)
+
+
+def device_fn(fn):
+    """``fn`` as a helper for the package's kernels (compiled or interpreted)."""
+    f = _DeviceFn(fn)
+    f._interpreted = None
+    return f
+
+
 _OPTIONS = ("num_warps", "num_stages")  # for the compiler; the interpreter takes none
 
 
