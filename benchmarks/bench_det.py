@@ -6,6 +6,7 @@ deformable encoder/decoder, denoising queries, Hungarian-matched losses).
 
     python benchmarks/bench_det.py --out benchmarks/results/det_h100.json
     python benchmarks/bench_det.py --arch dino-4scale --out benchmarks/results/dino_h100.json
+    python benchmarks/bench_det.py --modes eager graphs   # and as `det train --cuda-graphs`
 
 Training: batch 2 at 1333x800 (the 1x recipe's per-GPU batch), 12 instances per
 image (with masks for Mask R-CNN), bf16 autocast, forward + backward + AdamW step.
@@ -14,6 +15,7 @@ Inference: one 800x1333 image at a time (as mmdet tests), bf16, boxes (and paste
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import sys
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, timed  # noqa: E402
 
+from transnext.tasks.detection.canvas import train_canvases, use_canvases  # noqa: E402
 from transnext.tasks.detection.dino import build_dino  # noqa: E402
 from transnext.tasks.detection.maskrcnn import build_maskrcnn, mmdet_init_  # noqa: E402
 
@@ -85,12 +88,34 @@ def targets(n_img: int, h: int, w: int, n: int, device, gen, masks_too: bool = T
     return out
 
 
-def bench(name, args, device):
+def use_graphs(model, name: str, arch: str, h: int, w: int) -> None:
+    """`det train --cuda-graphs`: training batches padded to the canvases, the backbone's
+    forward and backward replayed from one graph per canvas (a timm baseline's body too, so
+    that both models of a ratio run the same way)."""
+    from transnext.engine.cuda_graphs import GraphedForward
+    canvases = train_canvases(min(h, w), max(h, w))
+    use_canvases(model, canvases)
+    n = len(canvases)
+    if name.startswith("transnext"):
+        (model if arch.startswith("dino") else model.backbone).use_cuda_graphs(max_graphs=n)
+    elif arch.startswith("dino"):
+        model.backbone = GraphedForward(model.backbone, infer=False, max_graphs=n)
+    else:
+        model.backbone.body = GraphedForward(model.backbone.body, infer=False, max_graphs=n)
+
+
+def bench(name, args, device, mode: str = "eager"):
+    if device == "cuda":  # the previous row's cached blocks (and graph pools) are not this one's
+        gc.collect()
+        torch.cuda.empty_cache()
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     h, w = args.size
     model = make(name, h, w, args.arch, args.queries).to(device)
-    res = {"model": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    if mode == "graphs":
+        use_graphs(model, name, args.arch, h, w)
+    res = {"model": name, "mode": mode,
+           "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
     imgs = [torch.rand(3, h, w, generator=gen).to(device) for _ in range(args.batch)]
     tg = targets(args.batch, h, w, args.instances, device, gen,
                  masks_too=not args.arch.startswith("dino"))
@@ -112,8 +137,13 @@ def bench(name, args, device):
         torch.cuda.reset_peak_memory_stats()
     s = timed(train_step, args.iters, args.repeats, device)
     res.update(train_ms_step=s * 1000, train_img_s=args.batch / s)
-    if device == "cuda":
+    if device == "cuda" and mode == "graphs":
+        # the graphs' memory pools are reserved, not allocated: the process's reserved peak
+        res["train_reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30
+    elif device == "cuda":
         res["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    if mode == "graphs":  # training graphs only: inference is the eager row's
+        return res
     model.eval()
     one = [imgs[0]]
 
@@ -143,21 +173,30 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "graphs"],
+                   help="graphs: training as `det train --cuda-graphs` (CUDA only)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    rows = [bench(m, args, args.device) for m in args.models]
-    base = rows[-1]
-    for r in rows[:-1]:
-        r["train_ratio"] = r["train_img_s"] / base["train_img_s"]
-        r["infer_ratio"] = r["infer_img_s"] / base["infer_img_s"]
+    if "graphs" in args.modes and args.device != "cuda":
+        p.error("--modes graphs needs a CUDA device")
+    rows = []
+    for mode in args.modes:
+        rows += [bench(m, args, args.device, mode) for m in args.models]
+        base = rows[-1]
+        for r in rows[-len(args.models):-1]:
+            r["train_ratio"] = r["train_img_s"] / base["train_img_s"]
+            if "infer_img_s" in r:
+                r["infer_ratio"] = r["infer_img_s"] / base["infer_img_s"]
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda"
             else platform.processor(), "torch": torch.__version__, "batch": args.batch,
             "size": args.size, "instances": args.instances, "arch": args.arch}
     print(f"{args.arch}, {meta['device']}, torch {meta['torch']}, batch {args.batch} at "
           f"{args.size[0]}x{args.size[1]}, bf16")
-    print(table(rows, [("model", "backbone", "s"), ("train_ms_step", "train ms/step", ".1f"),
+    print(table(rows, [("model", "backbone", "s"), ("mode", "mode", "s"),
+                       ("train_ms_step", "train ms/step", ".1f"),
                        ("train_ratio", "train ratio", ".2f"),
                        ("train_peak_GiB", "train peak GiB", ".2f"),
+                       ("train_reserved_GiB", "graphs: reserved GiB", ".2f"),
                        ("infer_ms_img", "infer ms/img", ".1f"),
                        ("infer_ratio", "infer ratio", ".2f")]))
     if args.out:

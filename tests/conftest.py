@@ -111,9 +111,10 @@ def mosaics(tmp_path_factory):
     return root
 
 
-def graphs_follow_eager(run, tmp_path, caplog, replays: int) -> None:
+def graphs_follow_eager(run, tmp_path, caplog, replays: int, steps: int | None = None):
     """``run(out, *extra)`` (a training job, returning its logged losses) eagerly and with
-    ``--cuda-graphs``: every step replayed, none eager, and the same losses to 1%."""
+    ``--cuda-graphs``: every step replayed, none eager, and the same losses to 1% (the first
+    ``steps`` of them, where later ones depend on discrete choices). Returns both lists."""
     import logging
 
     import pytest
@@ -121,4 +122,6 @@ def graphs_follow_eager(run, tmp_path, caplog, replays: int) -> None:
     with caplog.at_level(logging.INFO, logger="transnext"):
         got = run(tmp_path / "graphs", "--cuda-graphs")
     assert f"CUDA graphs: {replays} call(s) replayed, 0 run eagerly" in caplog.text
-    assert got == pytest.approx(ref, rel=1e-2)
+    assert len(got) == len(ref)
+    assert got[:steps] == pytest.approx(ref[:steps], rel=1e-2)
+    return ref, got

@@ -101,7 +101,7 @@ def test_preconditions_are_one_clear_error_each():
     check_cuda_graphs(gpu)  # what remains is allowed, in one process or under torchrun
 
 
-@pytest.mark.parametrize("command", [["train"], ["seg", "train"]])
+@pytest.mark.parametrize("command", [["train"], ["seg", "train"], ["det", "train"]])
 def test_jobs_refuse_cuda_graphs_on_the_cpu_before_reading_data(command, tmp_path, capsys):
     rc = main([*command, "--model", "transnext_micro", "--data-dir", str(tmp_path),
                "--output", str(tmp_path / "o"), "--device", "cpu", "--cuda-graphs"])

@@ -85,9 +85,11 @@ def _averager_worker(rank, port, out):
         m[2].weight.data = m[2].weight.data.double()  # a second dtype: a second bucket
         unused = nn.Parameter(torch.ones(4))
         m.register_parameter("unused", unused)
-        sync = GradientAverager(m, bucket_mb=100 / 2**20)  # 100-byte buckets: several
+        partly = nn.Parameter(torch.ones(6))  # reached by rank 1's batch only
+        m.register_parameter("partly", partly)
+        sync = GradientAverager(m, bucket_mb=100 / 2**20, uneven=True)  # 100-byte buckets
         for p in m.parameters():
-            if p is not unused:
+            if p is not unused and (p is not partly or rank == 1):
                 p.grad = torch.full_like(p, float(rank + 1)) * torch.arange(
                     p.numel(), dtype=p.dtype).view_as(p)
         sync()
@@ -100,7 +102,8 @@ def _averager_worker(rank, port, out):
 def test_gradient_averager_with_a_real_process_group(tmp_path):
     """engine.distributed.GradientAverager (--cuda-graphs under torchrun, no DDP): rank 0's
     parameters and buffers on both ranks, and the mean of the ranks' gradients, bucketed
-    across dtypes; a parameter without a gradient stays without one."""
+    across dtypes; a parameter without a gradient on every rank stays without one, and with
+    ``uneven`` one that only rank 1's batch reached is averaged with rank 0's zeros."""
     import torch.multiprocessing as mp
     out = [str(tmp_path / f"r{i}.pt") for i in range(2)]
     mp.spawn(_averager_worker, args=(free_port(), out), nprocs=2)
@@ -114,7 +117,8 @@ def test_gradient_averager_with_a_real_process_group(tmp_path):
             assert g is None and r1["grads"][name] is None
             continue
         ramp = torch.arange(g.numel(), dtype=g.dtype).view_as(g)
-        torch.testing.assert_close(g, 1.5 * ramp, msg=name)  # mean of 1x and 2x
+        # mean of 1x and 2x; "partly": of rank 0's zeros (uneven) and 2x
+        torch.testing.assert_close(g, (1.0 if name == "partly" else 1.5) * ramp, msg=name)
         assert torch.equal(r1["grads"][name], g), name
 
 

@@ -81,11 +81,13 @@ def _thread_local_capture():
 
 
 class GraphedForward(nn.Module):
-    """``module(x)`` replayed from CUDA graphs: with ``train`` one graph for training
-    (forward and backward), with ``infer`` one for inference (no autograd), each for the
-    first input it meets (shape, strides, dtype, ``module.training``, autocast state).
-    Other inputs (a last, smaller batch), modes not asked for, CPU tensors and
-    torch.compile traces run ``module`` eagerly, which stays correct alongside.
+    """``module(x)`` replayed from CUDA graphs: with ``train`` graphs for training (forward
+    and backward), with ``infer`` graphs for inference (no autograd), one per input key
+    (shape, strides, dtype, ``module.training``, autocast state) for the first
+    ``max_graphs`` keys met in each mode. Other inputs (a last, smaller batch), modes not
+    asked for, CPU tensors and torch.compile traces run ``module`` eagerly, which stays
+    correct alongside. Each graph keeps its own memory pool: detection training pads its
+    batches to two canvases (landscape, portrait) and asks for two.
 
     A training replay returns the graph's own buffers, overwritten by the next replay (a
     training loop is done with them by then); inference outputs are copies. Gradients
@@ -95,22 +97,25 @@ class GraphedForward(nn.Module):
     """
 
     def __init__(self, module: nn.Module, warmup: int = 3, train: bool = True,
-                 infer: bool = True):
+                 infer: bool = True, max_graphs: int = 1):
         super().__init__()
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (kernels compile and caches fill before "
                              f"the recording), got {warmup}")
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
         self.module = module
         self.warmup = warmup
+        self.max_graphs = max_graphs
         self._modes = (train, infer)  # not self.train: that is nn.Module's method
-        self._train = None  # (key, graphed module)
-        self._infer = None  # (key, graph, static input, static outputs)
+        self._train = {}  # key -> graphed module
+        self._infer = {}  # key -> (graph, static input, static outputs)
         self.replays = 0  # calls answered by a graph
         self.eager_calls = 0  # calls that did not match one (another batch shape)
 
     @property
     def graphs(self) -> int:
-        return (self._train is not None) + (self._infer is not None)
+        return len(self._train) + len(self._infer)
 
     def forward(self, x):
         if not (isinstance(x, Tensor) and x.is_cuda) or torch.compiler.is_compiling():
@@ -121,16 +126,16 @@ class GraphedForward(nn.Module):
         # the module's own flag: a wrapper kept outside the module tree is not switched
         key = _key(x, self.module.training)
         if grad:
-            if self._train is None:
-                self._train = (key, self._record_training(x))
-            if self._train[0] == key:
+            if key not in self._train and len(self._train) < self.max_graphs:
+                self._train[key] = self._record_training(x)
+            if key in self._train:
                 self.replays += 1
-                return self._train[1](x)
+                return self._train[key](x)
         else:
-            if self._infer is None:
-                self._infer = (key, *self._record_inference(x))
-            if self._infer[0] == key:
-                _, graph, static_x, static_out = self._infer
+            if key not in self._infer and len(self._infer) < self.max_graphs:
+                self._infer[key] = self._record_inference(x)
+            if key in self._infer:
+                graph, static_x, static_out = self._infer[key]
                 static_x.copy_(x)
                 graph.replay()
                 self.replays += 1
@@ -161,6 +166,50 @@ class GraphedForward(nn.Module):
         return graph, static_x, static_out
 
 
+class StageMaps(nn.Module):
+    """A TransNeXt's stage maps ``indices`` as a module's forward (what a graph records)."""
+
+    def __init__(self, model: nn.Module, indices=(0, 1, 2, 3)):
+        super().__init__()
+        self.model = model
+        self.indices = list(indices)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True)
+
+
+class GraphedStages:
+    """For the dense models' modules that hold a TransNeXt: ``use_cuda_graphs`` (the jobs'
+    ``--cuda-graphs``) and ``stage_maps``, which replays the graphs once they are on. The
+    class says where its TransNeXt is by ``_graph_body()`` -> (model, stage indices)."""
+
+    def _graph_body(self) -> tuple[nn.Module, list[int]]:
+        raise NotImplementedError
+
+    def use_cuda_graphs(self, on: bool = True, *, train: bool = True, infer: bool = False,
+                        max_graphs: int = 1) -> None:
+        """Replay the TransNeXt's training forward and backward (``train``) and/or its
+        inference forward (``infer``) from CUDA graphs, one per input shape for the first
+        ``max_graphs`` shapes (``GraphedForward``)."""
+        body, indices = self._graph_body()
+        # in a list, not a registered submodule: no second name for every weight
+        self._graphed = ([GraphedForward(StageMaps(body, indices), train=train, infer=infer,
+                                         max_graphs=max_graphs)] if on else [])
+
+    @property
+    def graphed(self) -> GraphedForward | None:
+        """The ``GraphedForward`` that ``use_cuda_graphs`` set up (replay counts), or None."""
+        g = getattr(self, "_graphed", None)
+        return g[0] if g else None
+
+    def stage_maps(self, x: Tensor) -> list[Tensor]:
+        graphed = self.graphed
+        if graphed is not None:
+            return graphed(x)
+        body, indices = self._graph_body()
+        return body.forward_intermediates(x, indices=indices, intermediates_only=True)
+
+
 def summary(graphed: GraphedForward) -> str:
     """One line for the jobs' log."""
     return (f"CUDA graphs: {graphed.replays} call(s) replayed, {graphed.eager_calls} run "
@@ -180,4 +229,4 @@ def check_cuda_graphs(device: torch.device, accum_steps: int = 1,
                         "choose one (--compile-mode reduce-overhead is the compiled one)")
 
 
-__all__ = ["GraphedForward", "check_cuda_graphs", "summary"]
+__all__ = ["GraphedForward", "GraphedStages", "StageMaps", "check_cuda_graphs", "summary"]

@@ -99,16 +99,20 @@ class GradientAverager:
     over at its end anyway, so DDP's overlap of all-reduces with the backward is lost
     there and averaging after it costs the same."""
 
-    def __init__(self, module: torch.nn.Module, bucket_mb: float = 25.0):
+    def __init__(self, module: torch.nn.Module, bucket_mb: float = 25.0, uneven: bool = False):
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.bucket_bytes = int(bucket_mb * 2**20)
+        self.uneven = uneven
         self.world = dist.get_world_size()
         with torch.no_grad():
             for t in list(module.parameters()) + list(module.buffers()):
                 dist.broadcast(t, src=0)
 
     def __call__(self) -> None:
-        """Average the gradients (every rank has the same set: the same graph ran)."""
+        """Average the gradients. Every rank must hold the same set: the same graph ran,
+        or, with ``uneven``, a parameter with a gradient on another rank gets zeros here."""
+        if self.uneven:
+            self._fill_missing()
         bucket, size = [], 0
         for g in (p.grad for p in self.params):
             if g is None:
@@ -121,6 +125,19 @@ class GradientAverager:
             size += g.numel() * g.element_size()
         if bucket:
             self._reduce(bucket)
+
+    def _fill_missing(self) -> None:
+        """Zeros for a parameter that another rank's batch reached and this one's did not
+        (eager heads: the detectors), so that every rank reduces the same buckets; one small
+        all-reduce and a host sync per step."""
+        if not self.params:
+            return
+        has = torch.tensor([p.grad is not None for p in self.params], dtype=torch.int32,
+                           device=self.params[0].device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        for p, h in zip(self.params, has.tolist()):
+            if h and p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     def _reduce(self, grads: list[torch.Tensor]) -> None:
         flat = torch.cat([g.reshape(-1) for g in grads])

@@ -9,8 +9,8 @@ hub look-up ever happens here.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from ...engine.cuda_graphs import GraphedStages
 from ...models import ARCHS, PRETRAIN_SIZE
 
 try:
@@ -72,7 +72,7 @@ class TransNeXtBackboneConfig(BackboneConfigMixin, PretrainedConfig):
                                                 out_indices=out_indices)
 
 
-class TransNeXtBackbone(BackboneMixin, PreTrainedModel):
+class TransNeXtBackbone(GraphedStages, BackboneMixin, PreTrainedModel):
     """Stage maps of a TransNeXt (NCHW, strides 4/8/16/32) as a ``BackboneOutput``.
 
     The network is the package's own ``TransNeXt`` (``self.model``), built through
@@ -117,45 +117,18 @@ class TransNeXtBackbone(BackboneMixin, PreTrainedModel):
         self.model.set_fixed_pool_size(size)
         self.config.fixed_pool_size = size
 
-    def use_cuda_graphs(self, on: bool = True, *, train: bool = True,
-                        infer: bool = False) -> None:
-        """Replay the network's training forward and backward (``train``) and/or its
-        inference forward (``infer``) from CUDA graphs (``engine.cuda_graphs.GraphedForward``;
-        the jobs' ``--cuda-graphs``)."""
-        from ...engine.cuda_graphs import GraphedForward
-        # in a list, not a registered submodule: no second name for every weight
-        self._graphed = ([GraphedForward(_StageMaps(self.model), train=train, infer=infer)]
-                         if on else [])
-
-    @property
-    def graphed(self):
-        """The ``GraphedForward`` that ``use_cuda_graphs`` set up (replay counts), or None."""
-        g = getattr(self, "_graphed", None)
-        return g[0] if g else None
+    def _graph_body(self):
+        return self.model, [0, 1, 2, 3]
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
                 output_attentions: bool | None = None, return_dict: bool | None = None,
                 **kwargs):
-        graphed = self.graphed
-        maps = (graphed(pixel_values) if graphed is not None else
-                self.model.forward_intermediates(pixel_values, indices=[0, 1, 2, 3],
-                                                 intermediates_only=True))
+        maps = self.stage_maps(pixel_values)
         feats = tuple(maps[i] for i in self.out_indices)
         hidden = tuple(maps) if output_hidden_states else None
         if return_dict is False:
             return (feats,) + ((hidden,) if hidden is not None else ())
         return BackboneOutput(feature_maps=feats, hidden_states=hidden)
-
-
-class _StageMaps(nn.Module):
-    """The four stage maps of a TransNeXt, as a module's forward (what a graph records)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.model.forward_intermediates(x, indices=[0, 1, 2, 3], intermediates_only=True)
 
 
 def register() -> None:

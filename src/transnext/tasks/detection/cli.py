@@ -73,6 +73,11 @@ def add_parser(sub) -> None:
     a("--device", type=device_name, default=None)
     a("--amp", default=None, choices=["bf16", "fp16", "none"])
     a("--compile", action="store_true", help="torch.compile the backbone (Mask R-CNN)")
+    a("--cuda-graphs", action="store_true",
+      help="replay the TransNeXt's training forward and backward from CUDA graphs: batches "
+           "are padded to one of two fixed canvases (landscape and portrait, from "
+           "--min-size/--max-size or DINO's scales), one graph each; FPN, heads and losses "
+           "stay eager (one GPU, or torchrun without DDP, as `train --cuda-graphs`)")
     a("--pretrained", default=None, type=existing_file, metavar="PATH",
       help="ImageNet backbone weights, a released Mask R-CNN or DINO .pth (same "
            "architecture) or a det train checkpoint")

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...engine.cuda_graphs import GraphedStages
 from ...models import ARCHS, load_checkpoint
 from ...ops.msda import MultiScaleDeformableAttention
+from .canvas import pad_to, pick_canvas
 from .dino_denoising import CdnQueryGenerator, host_to_device
 from .dino_layers import (ChannelMapper, Decoder, DINOHead, Encoder, cxcywh_to_xyxy,
                           inverse_sigmoid, mask_sine_encoding)
@@ -42,7 +44,7 @@ BACKBONE_NO_DECAY_WORDS = ("query_embedding", "relative_pos_bias_local", "cpb", 
 
 
 # ---- the detector -------------------------------------------------------------------
-class TransNeXtDINO(nn.Module):
+class TransNeXtDINO(GraphedStages, nn.Module):
     """DINO detector; build it with :func:`build_dino`.
 
     ``backbone_indices``: the TransNeXt stage indices handed to the neck (run through
@@ -65,6 +67,7 @@ class TransNeXtDINO(nn.Module):
                              f"num_levels ({num_levels}) must be positive")
         self.backbone = backbone
         self.backbone_indices = None if backbone_indices is None else list(backbone_indices)
+        self.canvases = None  # training batches padded to one of these (canvas.use_canvases)
         self.num_classes = num_classes
         self.num_levels = num_levels
         self.num_queries = num_queries
@@ -148,15 +151,19 @@ class TransNeXtDINO(nn.Module):
             raise ValueError("no images")
         shapes = [(int(x.shape[-2]), int(x.shape[-1])) for x in out]
         H, W = max(s[0] for s in shapes), max(s[1] for s in shapes)
-        batch = out[0].new_zeros((len(out), 3, H, W))
-        for i, x in enumerate(out):
-            batch[i, :, :x.shape[-2], :x.shape[-1]].copy_(x)
-        return batch, shapes
+        if self.training and self.canvases:  # canvas.use_canvases (CUDA graphs)
+            H, W = pick_canvas(H, W, self.canvases) or (H, W)
+        return pad_to(out, (H, W)), shapes
+
+    def _graph_body(self):
+        if self.backbone_indices is None:
+            raise ValueError("CUDA graphs of the backbone need a TransNeXt backbone "
+                             "(backbone_indices); this DINO was built with another one")
+        return self.backbone, self.backbone_indices
 
     def backbone_maps(self, x: Tensor) -> list[Tensor]:
         if self.backbone_indices is not None:
-            return self.backbone.forward_intermediates(x, indices=self.backbone_indices,
-                                                       intermediates_only=True)
+            return self.stage_maps(x)  # CUDA graphs once use_cuda_graphs is on
         return list(self.backbone(x))
 
     # ---- transformer ----

@@ -22,6 +22,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from ...engine.cuda_graphs import GraphedStages
 from ...models import ARCHS, load_checkpoint
 from .mmdet_compat import (MMDetAnchorGenerator, MMDetRoIAlign, MMDetRoIHeads, MMDetRPN,
                            MMDetTransform)
@@ -33,7 +34,7 @@ DEFAULT_DROP_PATH = 0.1
 NO_DECAY_WORDS = ("query_embedding", "relative_pos_bias_local", "cpb", "temperature", "norm")
 
 
-class TransNeXtFPN(nn.Module):
+class TransNeXtFPN(GraphedStages, nn.Module):
     """The TransNeXt stage maps (strides 4-32) through mmdet's FPN: 1x1 laterals,
     nearest top-down sums, 3x3 outputs, P6 = max_pool(P5, 1, stride 2). Returns the
     OrderedDict torchvision's detection heads take ('0'..'3', 'pool')."""
@@ -53,8 +54,11 @@ class TransNeXtFPN(nn.Module):
                                          extra_blocks=LastLevelMaxPool())
         self.out_channels = out_channels
 
+    def _graph_body(self):
+        return self.body, [0, 1, 2, 3]
+
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        maps = self.body.forward_intermediates(x, indices=[0, 1, 2, 3], intermediates_only=True)
+        maps = self.stage_maps(x)  # CUDA graphs of the TransNeXt once use_cuda_graphs is on
         return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
 
 

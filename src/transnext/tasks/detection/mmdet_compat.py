@@ -42,6 +42,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, nms, roi_align
 
+from .canvas import pad_to, pick_canvas
+
 # mmdet's img_norm_cfg (RGB order, 0-255 values)
 MEAN_255 = (123.675, 116.28, 103.53)
 STD_255 = (58.395, 57.12, 57.375)
@@ -86,6 +88,15 @@ class MMDetTransform(GeneralizedRCNNTransform):
         super().__init__(min_size, max_size, [m / 255 for m in MEAN_255],
                          [s / 255 for s in STD_255], size_divisible)
         self.quantize = quantize
+        self.canvases = None  # training batches padded to one of these (canvas.use_canvases)
+
+    def batch_images(self, images, size_divisible: int = 32):
+        if self.training and self.canvases:
+            c = pick_canvas(max(im.shape[-2] for im in images),
+                            max(im.shape[-1] for im in images), self.canvases)
+            if c is not None:
+                return pad_to(images, c)
+        return super().batch_images(images, size_divisible)
 
     def normalize(self, image: Tensor) -> Tensor:
         mean = torch.tensor(MEAN_255, dtype=image.dtype, device=image.device)[:, None, None]

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ...engine import checkpointing as ckpt
-from ...engine.distributed import all_reduce_sum, cleanup, init_distributed
+from ...engine.cuda_graphs import check_cuda_graphs, summary as graph_summary
+from ...engine.distributed import GradientAverager, all_reduce_sum, cleanup, init_distributed
 from ...engine.errors import UserError
 from ...engine.evaluate import autocast
 from ...engine.metrics import MetricLog
@@ -26,6 +27,7 @@ from ..common.checkpoints import backward_and_step, closing_loop, save_last_and_
 from ..common.released import read_any, released_kind, state_dict_of
 from ..common.schedule import TimeBudget, warmup_factor
 from . import recipes
+from .canvas import train_canvases, use_canvases
 from .coco import CocoDetection, RandomHorizontalFlip, collate, resolve_coco
 from .convert import load_maskrcnn_state
 from .evaluate import (CONFIG_KEY, _other_kind, build_from_config, describe_config, evaluate,
@@ -205,6 +207,8 @@ def _to_device(images, targets, device):
 
 def _train(args, dist) -> dict:
     device, main = dist.device, dist.is_main
+    if args.cuda_graphs:
+        check_cuda_graphs(device, compiled=args.compile)
     if args.deterministic:
         set_deterministic()
     out = Path(args.output)
@@ -269,10 +273,22 @@ def _train(args, dist) -> dict:
             log.info("resumed from %s at iteration %d (epoch %d)", args.resume, start_it,
                      start_it // per_epoch + 1)
         del resume_obj
-    if args.compile:
+    sync, holder = None, None
+    if args.cuda_graphs:
+        canvases = train_canvases(args.ms_scales if is_dino(args.arch) else args.min_size,
+                                  args.max_size)
+        use_canvases(model, canvases)
+        holder = model if is_dino(args.arch) else model.backbone
+        holder.use_cuda_graphs(max_graphs=len(canvases))
+        if main:
+            log.info("CUDA graphs of the backbone; training batches padded to %s",
+                     " or ".join(f"{h}x{w}" for h, w in canvases))
+        if dist.distributed:  # not DDP: the recording must not meet DDP's hooks
+            sync = GradientAverager(model, uneven=True)  # the heads run eagerly
+    elif args.compile:
         model.backbone.compile()  # TransNeXt + FPN, in place: parameter names stay the same
     net = model
-    if dist.distributed:
+    if dist.distributed and sync is None:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     probe, probe_from, many = None, start_it, torch.get_num_threads()
@@ -316,7 +332,7 @@ def _train(args, dist) -> dict:
                 raise UserError(f"loss became {loss.item()} at iteration {it + 1} "
                                 f"({', '.join(f'{k} {v.item():.3g}' for k, v in losses.items())})"
                                 f": lower --lr, use --clip-grad or --amp none")
-            backward_and_step(loss, model, optimizer, scaler, args.clip_grad)
+            backward_and_step(loss, model, optimizer, scaler, args.clip_grad, sync=sync)
             it += 1
             vals = [losses[k].item() if k in losses else 0.0 for k in loss_names]
             sums += torch.tensor([*vals, loss.item(), 1.0], dtype=torch.float64)
@@ -379,6 +395,8 @@ def _train(args, dist) -> dict:
                 mlog.log(row)
             if args.stop_after_iters and it - start_it >= args.stop_after_iters:
                 break
+    if holder is not None and main:
+        log.info(graph_summary(holder.graphed))
     summary.update({"best_box_AP": best, "checkpoint": str(out / "last.pth"), "iter": it,
                     "iters_per_epoch": per_epoch, "train_time": time.time() - t0})
     return summary
