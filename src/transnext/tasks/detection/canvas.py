@@ -7,8 +7,10 @@ graph per canvas. The resize bounds every training image: short side at most the
 short side drawn, long side at most ``max_size``; aspect-grouped batches (landscape apart
 from the rest, ``sampler.GroupedBatchSampler``) then fit one of two canvases, landscape
 (short, long) and portrait (long, short), rounded up to the stride 32. The padding is
-zeros, as the batch's own padding is; the images' sizes, and so the boxes, the anchors'
-valid region and DINO's masks, are unchanged.
+zeros, as the batch's own padding is, and the images' sizes (so the boxes, the clipping of
+proposals and DINO's masks) are unchanged. What the extra padding does change: the
+TransNeXt's pooled attention sees more of it, and Mask R-CNN's RPN lays anchors over it
+(background anchors it may sample), as it does over a batch's own padding.
 """
 from __future__ import annotations
 
