@@ -3,13 +3,17 @@
 GPU (default): training img/s (forward, backward, AdamW step; bf16 autocast),
 inference img/s, peak memory, at 224 (train batch 128, infer batch 256) and
 640 (batch 16), eager and/or torch.compile.
-CPU (--device cpu): inference img/s at batch 1 and 8 on the reference path.
+CPU (--device cpu): inference img/s at batch 1 and 8 on the reference path; each
+TransNeXt row twice by default, with PyTorch's Linear products and with oneDNN's on
+packed weights (``ops.cpu_linear``, what ``transnext predict`` and ``eval`` use on the CPU;
+``--cpu-linears``).
 
     python benchmarks/bench_model.py --out benchmarks/results/model.json
     python benchmarks/bench_model.py --device cpu --models transnext_tiny convnext_tiny
 
 Timings: warm-up, then the median of --repeats timed windows of --iters steps
-(CUDA events on the GPU, a monotonic clock on the CPU).
+(CUDA events on the GPU, a monotonic clock on the CPU). On the CPU the rows of one
+setting are timed in turns, a window each per round, so that drift hits them alike.
 """
 from __future__ import annotations
 
@@ -64,12 +68,14 @@ def _timed(step, device: str, iters: int, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def bench_one(name: str, size: int, batch: int, mode: str, compiled: bool, device: str,
-              warmup: int, iters: int, repeats: int, compile_mode: str | None = None) -> dict:
+def _prepare(name: str, size: int, batch: int, mode: str, compiled: bool, device: str,
+             compile_mode: str | None, linears: str):
+    """(model, compiled-or-not callable, one step) for a row."""
     torch.manual_seed(0)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()  # reserved peak: this row's own
     model = _make(name, size, device)
+    if linears == "packed":
+        from transnext.ops import cpu_linear
+        cpu_linear.pack_linears(model)
     x = torch.randn(batch, 3, size, size, device=device)
     if device == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -93,6 +99,31 @@ def bench_one(name: str, size: int, batch: int, mode: str, compiled: bool, devic
         def step():
             with torch.inference_mode(), amp:
                 fwd(x)
+    return model, fwd, step
+
+
+def _row(name, size, batch, mode, compiled, compile_mode, linears, sec, peak=None,
+         reserved=None) -> dict:
+    return dict(model=name, size=size, batch=batch, mode=mode, compiled=compiled,
+                compile_mode=compile_mode if compiled else None, linears=linears,
+                img_per_s=batch / sec, ms_per_step=sec * 1000, peak_gib=peak,
+                reserved_gib=reserved)
+
+
+def _error_row(e: Exception, name, size, batch, mode, compiled, linears) -> dict:
+    msg = "out of memory" if isinstance(e, torch.OutOfMemoryError) \
+        else f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return dict(model=name, size=size, batch=batch, mode=mode, compiled=compiled,
+                linears=linears, error=msg)
+
+
+def bench_one(name: str, size: int, batch: int, mode: str, compiled: bool, device: str,
+              warmup: int, iters: int, repeats: int, compile_mode: str | None = None,
+              linears: str = "torch") -> dict:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # reserved peak: this row's own
+    model, fwd, step = _prepare(name, size, batch, mode, compiled, device, compile_mode,
+                                linears)
     for _ in range(warmup):
         step()
     if device == "cuda":
@@ -112,9 +143,37 @@ def bench_one(name: str, size: int, batch: int, mode: str, compiled: bool, devic
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    return dict(model=name, size=size, batch=batch, mode=mode, compiled=compiled,
-                compile_mode=compile_mode if compiled else None, img_per_s=batch / sec,
-                ms_per_step=sec * 1000, peak_gib=peak, reserved_gib=reserved)
+    return _row(name, size, batch, mode, compiled, compile_mode, linears, sec, peak, reserved)
+
+
+def bench_interleaved(variants, size: int, batch: int, mode: str, compiled: bool,
+                      warmup: int, iters: int, repeats: int,
+                      compile_mode: str | None = None) -> list[dict]:
+    """CPU rows of one setting, timed in turns (one window of ``iters`` steps per row per
+    round, ``repeats`` rounds, medians): a shared machine's drift then hits every row
+    alike, where rows timed one after another differed by up to 30% between runs."""
+    rows, steps = {}, {}
+    for name, linears in variants:
+        try:
+            steps[(name, linears)] = _prepare(name, size, batch, mode, compiled, "cpu",
+                                              compile_mode, linears)[2]
+            for _ in range(warmup):
+                steps[(name, linears)]()
+        except Exception as e:  # a baseline that rejects the size, a model that fails
+            steps.pop((name, linears), None)
+            rows[(name, linears)] = _error_row(e, name, size, batch, mode, compiled, linears)
+    samples = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, step in steps.items():
+            samples[k].append(_timed(step, "cpu", iters, 1))
+    for (name, linears), sec in samples.items():
+        rows[(name, linears)] = _row(name, size, batch, mode, compiled, compile_mode, linears,
+                                     statistics.median(sec))
+    steps.clear()
+    if compiled:
+        torch._dynamo.reset()
+    gc.collect()
+    return [rows[k] for k in variants]
 
 
 def check_backends(name: str, size: int, device: str) -> dict:
@@ -158,6 +217,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--check", action="store_true",
                    help="first compare each TransNeXt model's Triton backend with the reference "
                         "(logits and gradients); exit 1 if one is off")
+    p.add_argument("--cpu-linears", choices=["torch", "packed", "both"], default="both",
+                   help="CPU inference: TransNeXt's Linear products by PyTorch, by oneDNN on "
+                        "packed weights (ops.cpu_linear), or a row of each (default)")
     p.add_argument("--out", default="benchmarks/results/model.json")
     args = p.parse_args(argv)
 
@@ -205,15 +267,19 @@ def main(argv=None) -> list[dict]:
         for mode in modes:
             for batch in batches(size, mode):
                 for comp in compiled:
-                    for name in models:
+                    variants = _variants(models, dev, mode, args.cpu_linears)
+                    if dev == "cpu":
+                        for r in bench_interleaved(variants, size, batch, mode, comp, warmup,
+                                                   iters, args.repeats, args.compile_mode):
+                            rows.append(r)
+                            _print_row(r)
+                        continue
+                    for name, linears in variants:
                         try:
                             r = bench_one(name, size, batch, mode, comp, dev, warmup, iters,
-                                          args.repeats, args.compile_mode)
+                                          args.repeats, args.compile_mode, linears)
                         except Exception as e:  # OOM, or a baseline that rejects the size
-                            msg = "out of memory" if isinstance(e, torch.OutOfMemoryError) \
-                                else f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                            r = dict(model=name, size=size, batch=batch, mode=mode,
-                                     compiled=comp, error=msg)
+                            r = _error_row(e, name, size, batch, mode, comp, linears)
                             if dev == "cuda":
                                 torch.cuda.empty_cache()
                         rows.append(r)
@@ -227,6 +293,21 @@ def main(argv=None) -> list[dict]:
     if not all(c["ok"] for c in checks):
         sys.exit("a backend check failed: the Triton backend disagrees with the reference")
     return rows
+
+
+def _variants(models, device: str, mode: str, cpu_linears: str) -> list[tuple[str, str]]:
+    """(model, linears) rows: packed products only for TransNeXt's CPU inference."""
+    out = []
+    for name in models:
+        kinds = ["torch", "packed"] if cpu_linears == "both" else [cpu_linears]
+        if device != "cpu" or mode != "infer" or not name.startswith("transnext"):
+            kinds = ["torch"]
+        out += [(name, k) for k in kinds]
+    return out
+
+
+def _label(r: dict) -> str:
+    return r["model"] + (" (packed linears)" if r.get("linears") == "packed" else "")
 
 
 def _mode(r: dict) -> str:
@@ -246,12 +327,12 @@ def _mem(r: dict) -> float | None:
 
 def _print_row(r: dict) -> None:
     if "error" in r:
-        print(f"  {r['model']:<30} {r['size']:>4} b{r['batch']:<4} {r['mode']:<5} "
+        print(f"  {_label(r):<30} {r['size']:>4} b{r['batch']:<4} {r['mode']:<5} "
               f"{_mode(r):<8} {r['error']}", flush=True)
         return
     mem = f"{r['peak_gib']:.1f} GiB (reserved {r['reserved_gib']:.1f})" \
         if r["peak_gib"] is not None else ""
-    print(f"  {r['model']:<30} {r['size']:>4} b{r['batch']:<4} {r['mode']:<5} "
+    print(f"  {_label(r):<30} {r['size']:>4} b{r['batch']:<4} {r['mode']:<5} "
           f"{_mode(r):<8} {r['img_per_s']:>9.1f} img/s "
           f"{r['ms_per_step']:>8.1f} ms {mem}", flush=True)
 
@@ -276,7 +357,7 @@ def _print_table(rows: list[dict], env: dict) -> None:
         mem = "-" if _mem(r) is None else f"{_mem(r):.1f}"
         if _cuda_graphs(r) and _mem(r) is not None:
             mem += " r"
-        print(f"| {r['model']} | {r['size']} | {r['batch']} | {r['mode']} | "
+        print(f"| {_label(r)} | {r['size']} | {r['batch']} | {r['mode']} | "
               f"{_mode(r)} | {r['img_per_s']:.1f} | {mem} | {ratio} |")
 
 

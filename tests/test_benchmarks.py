@@ -147,23 +147,28 @@ def test_bench_model_writes_rows_and_ratio(bench):
     stdout = bench.stdout("model")
     out = bench.dir / "model.json"
     data = json.loads(out.read_text())
-    rows = {r["model"]: r for r in data["rows"]}
-    assert set(rows) == {"transnext_micro", "convnext_tiny"}
+    rows = {(r["model"], r["linears"]): r for r in data["rows"]}
+    # TransNeXt twice on the CPU: PyTorch's Linear products and oneDNN's packed ones
+    assert set(rows) == {("transnext_micro", "torch"), ("transnext_micro", "packed"),
+                         ("convnext_tiny", "torch")}
     for r in rows.values():
         assert "error" not in r, r
         assert r["img_per_s"] > 0 and r["batch"] == 2 and r["size"] == 32
         assert r["compiled"] is False and r["peak_gib"] is None  # no CUDA memory on the CPU
-    # the table gives TransNeXt's ratio to convnext_tiny measured in this run
-    line = next(x for x in stdout.splitlines() if x.startswith("| transnext_micro"))
-    ratio = rows["transnext_micro"]["img_per_s"] / rows["convnext_tiny"]["img_per_s"]
-    assert f"{ratio:.2f}x" in line
+    # the table gives each TransNeXt row's ratio to convnext_tiny measured in this run
+    base = rows[("convnext_tiny", "torch")]["img_per_s"]
+    for linears, label in (("torch", "| transnext_micro |"),
+                           ("packed", "| transnext_micro (packed linears) |")):
+        line = next(x for x in stdout.splitlines() if x.startswith(label))
+        assert f"{rows[('transnext_micro', linears)]['img_per_s'] / base:.2f}x" in line
 
 
 def test_bench_model_reports_a_failing_model_as_a_row(bench):
     bench.stdout("model_failing")
     out = bench.dir / "model_failing.json"
-    (row,) = json.loads(out.read_text())["rows"]
-    assert "1 input channels" in row["error"]  # femto takes 1-channel images
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["linears"] for r in rows] == ["torch", "packed"]
+    assert all("1 input channels" in r["error"] for r in rows)  # femto takes 1-channel images
 
 
 def test_profile_model_writes_step_time_and_table(bench):

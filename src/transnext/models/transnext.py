@@ -22,7 +22,7 @@ from timm.layers import DropPath, register_notrace_function, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..ops import aggregated_attention, full_attention
+from ..ops import aggregated_attention, cpu_linear, full_attention
 from ..ops.aggregated_attention import _interpreting as _triton_interpreting
 from ..ops.aggregated_attention import aggregated_attention_packed, resolve_backend
 from ..tables import capturing
@@ -334,7 +334,10 @@ def _split_linear(xs: tuple[Tensor, ...], weight: Tensor, bias: Tensor | None,
     out, start = [], 0
     for x, n in zip(xs, sizes):  # slices, not split(): FX proxies cannot be iterated
         end = start + n
-        out.append(_linear(x, weight[start:end], None if bias is None else bias[start:end]))
+        y = cpu_linear.linear(x, weight, bias, (start, end))
+        if y is None:
+            y = _linear(x, weight[start:end], None if bias is None else bias[start:end])
+        out.append(y)
         start = end
     return tuple(out)
 
@@ -357,11 +360,23 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def _run_linear(layer: nn.Linear, x: Tensor) -> Tensor:
     """``layer(x)``, through :func:`_linear` where that is the same call (a plain Linear,
-    no hooks) and the bias-gradient kernel runs; else the module (FX traces keep it)."""
-    if (type(layer) is nn.Linear and not _hooked(layer)
-            and _bias_grad_kernel(x, layer.weight, layer.bias)):
-        return _JointLinears.apply(x, (layer.weight.shape[0],), False, layer.weight,
-                                   layer.bias)[0]
+    no hooks) and the bias-gradient kernel runs, or from oneDNN's packed weight where the
+    model opted in (``ops.cpu_linear``); else the module (FX traces keep it)."""
+    if type(layer) is nn.Linear and not _hooked(layer):
+        if _bias_grad_kernel(x, layer.weight, layer.bias):
+            return _JointLinears.apply(x, (layer.weight.shape[0],), False, layer.weight,
+                                       layer.bias)[0]
+        return _module_linear(layer, x)
+    return layer(x)
+
+
+def _module_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)``, or from oneDNN's packed weight where the model opted in
+    (``ops.cpu_linear``; a plain Linear, no hooks)."""
+    if type(layer) is nn.Linear and not _hooked(layer):
+        y = cpu_linear.linear(x, layer.weight, layer.bias)
+        if y is not None:
+            return y
     return layer(x)
 
 
@@ -712,7 +727,9 @@ class AggregatedAttention(_PositionBias):
             joint = _joint_linears(x, (self.q, self.kv, self.sr))
             if joint is None:
                 xq, xkv, xsr = xs or _cast_for_linears(x, 3)
-                joint = (self.q(xq), self.kv(xkv), F.linear(xsr, w_sr, self.sr.bias))
+                y = cpu_linear.linear(xsr, self.sr.weight, self.sr.bias)
+                joint = (_module_linear(self.q, xq), _module_linear(self.kv, xkv),
+                         F.linear(xsr, w_sr, self.sr.bias) if y is None else y)
             q, kv, y = joint
             q = q.reshape(B, N, h, d)
             k, v = kv.reshape(B, N, 2, h, d).unbind(2)
@@ -726,7 +743,8 @@ class AggregatedAttention(_PositionBias):
             pooled = F.adaptive_avg_pool2d(_tokens_to_map(y, H, W), geo.pool_hw)
         pooled = _norm_for_linears(self.norm, _map_to_tokens(pooled), 1)
         pooled = pooled[0] if isinstance(pooled, tuple) else pooled
-        k_pool, v_pool = self.kv(pooled).reshape(B, geo.num_pool, 2, h, d).unbind(2)
+        k_pool, v_pool = _module_linear(self.kv, pooled).reshape(B, geo.num_pool, 2, h,
+                                                                 d).unbind(2)
 
         factored = _factored(backend, 4 * h * N * geo.num_pool)
         rest = (k_pool, v_pool, _position_bias(self, geo, x.device, factored),

@@ -13,6 +13,7 @@ from ..engine.errors import UserError
 from ..engine.evaluate import evaluate
 from ..engine.loaders import folder_eval_loader
 from ..engine.models import create, data_config
+from ..ops import cpu_linear
 
 
 def load_for_inference(model_name: str, checkpoint: str | None, *, device, num_classes=None,
@@ -92,6 +93,7 @@ def _run(args, dist) -> dict:
         args.model, args.checkpoint, device=device, num_classes=args.num_classes,
         in_chans=args.in_chans, use_ema=args.use_ema, default_in_chans=1 if fashion else 3,
         pretrain_size=args.pretrain_size)
+    cpu_linear.pack_on_cpu(model, device)  # fp32 products from packed weights (oneDNN)
     dcfg = data_config(model)
     default_size = meta["input_size"] or dcfg["input_size"][-1]
     sizes = args.input_size or [default_size]

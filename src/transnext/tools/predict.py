@@ -10,6 +10,7 @@ from ..data import DataError, eval_transform, load_image
 from ..engine.distributed import resolve_device
 from ..engine.errors import UserError
 from ..engine.models import data_config
+from ..ops import cpu_linear
 from .evaluate import load_for_inference
 
 
@@ -51,6 +52,7 @@ def run(args) -> list[dict]:
     _threads(args)
     device = resolve_device(args.device)
     model, meta = load_for_inference(args.model, args.checkpoint, device=device)
+    cpu_linear.pack_on_cpu(model, device)  # fp32 products from packed weights (oneDNN)
     res = predict(model, meta, args.images, input_size=args.input_size, topk=args.topk,
                   device=device)
     for r in res:

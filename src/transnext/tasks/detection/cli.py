@@ -243,6 +243,7 @@ def _run_eval(args):
 
     from ...engine.distributed import cleanup, init_distributed
     from .coco import CocoDetection, resolve_coco
+    from ...ops.cpu_linear import pack_on_cpu
     from .evaluate import check_classes, evaluate, load_model
     from .evaluation import format_table
     dist = init_distributed(args.device)
@@ -256,7 +257,7 @@ def _run_eval(args):
         if not args.no_verify:
             ds.check_images(workers=max(2, args.workers))
         check_classes(model, ds, f"checkpoint {args.checkpoint}")
-        model.to(dist.device)
+        pack_on_cpu(model.to(dist.device), dist.device)  # fp32 CPU products, packed weights
         import time
         t0 = time.time()
         res, ev = evaluate(model, ds, dist.device, rank=dist.rank, world_size=dist.world_size,
@@ -282,6 +283,7 @@ def _run_eval(args):
 
 def _run_predict(args):
     from ...engine.distributed import resolve_device
+    from ...ops.cpu_linear import pack_on_cpu
     from .evaluate import load_model
     from .predict import predict_files
     import torch
@@ -289,6 +291,7 @@ def _run_predict(args):
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, args.model, **_size_overrides(args)).to(device)
+    pack_on_cpu(model, device)  # fp32 CPU products from packed weights
     for r in predict_files(model, args.images, args.output, device, score_thr=args.score_thr,
                            amp=args.amp):
         dets = ", ".join(f"{n} {s:.2f}" for n, s in r["detections"]) or "nothing"

@@ -173,7 +173,8 @@ def _load(args, device):
         backbone_of(model).set_fixed_pool_size(args.fixed_pool_size)
     if args.cuda_graphs:  # inference only: windows of one size are the usual case
         backbone_of(model).use_cuda_graphs(train=False, infer=True)
-    return model.to(device)
+    from ...ops.cpu_linear import pack_on_cpu
+    return pack_on_cpu(model.to(device), device)  # fp32 CPU products from packed weights
 
 
 def _run_train(args):
