@@ -43,7 +43,7 @@ def test_packed_product_matches_f_linear(shape, rows, bias):
                                    F.linear(x, conv.reshape(64, 72), b), rtol=1e-5, atol=1e-5)
 
 
-def test_packed_product_applies_only_where_it_should():
+def test_packed_product_applies_only_where_it_should(monkeypatch):
     x = torch.randn(4, 8)
     w = _opted_in(torch.randn(5, 8))
     assert cpu_linear.linear(x, w, None) is None  # autograd on
@@ -52,6 +52,9 @@ def test_packed_product_applies_only_where_it_should():
         assert cpu_linear.linear(x.double(), w, None) is None
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert cpu_linear.linear(x, w, None) is None
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # oneDNN switched off
+        assert cpu_linear.linear(x, w, None) is None
+        monkeypatch.undo()
         assert cpu_linear.linear(x, w, None) is not None
 
 

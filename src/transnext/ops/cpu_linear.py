@@ -86,13 +86,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None,
            rows: tuple[int, int] | None = None) -> Tensor | None:
     """``F.linear(x, weight[rows], bias[rows])`` (``weight`` reshaped to 2-D: a 1x1 conv's)
     from the packed weight, or None where that does not apply (not opted in, autograd on,
-    not fp32 on the CPU, autocast, tracing): the caller then runs its usual product."""
+    not fp32 on the CPU, autocast, tracing, ``torch.backends.mkldnn.enabled`` off): the
+    caller then runs its usual product."""
     # before the attribute lookup: an FX proxy has none, and Dynamo need not see one
     if torch.is_grad_enabled() or _fx_tracing() or torch.compiler.is_compiling():
         return None
     slots = getattr(weight, _SLOTS, None)
     if (slots is None or _tracing() or x.device.type != "cpu" or x.dtype != torch.float32
-            or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+            or weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+            or not torch.backends.mkldnn.enabled):  # the user switched oneDNN off
         return None
     stamp = (weight.data_ptr(), weight._version)
     entry = slots.get(rows)
