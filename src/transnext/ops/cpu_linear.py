@@ -3,15 +3,15 @@
 ``F.linear`` in fp32 on the CPU is an MKL GEMM that lays the weight out again at every
 call. oneDNN's linear on a weight packed ahead of time (the pair of ops Inductor uses on
 the CPU) ran TransNeXt-T's products 10-35% faster on the project's 2-core machine, the
-whole 224 forward 7% (batch 1) to 11% (batch 8) (docs/dense_speed.md, round 13).
+whole 224 forward 7-16% (docs/dense_speed.md, round 13).
 
 Opt in per model with :func:`pack_linears` (the ``predict`` and ``eval`` jobs do on the
-CPU: classification, segmentation and detection). A packed copy remembers its weight's storage and version counter
-and is rebuilt when either moved (optimizer steps, ``load_state_dict``, ``.to()``); an
-edit through ``.data`` bypasses the version counter, so call :func:`pack_linears` again
-after one. The packed copies double the memory of the layers' weights while they live.
-Autograd, autocast, other dtypes and devices, FX, torch.compile and exports keep
-``F.linear``.
+CPU: classification, segmentation and detection). A packed copy remembers its weight's
+storage and version counter and is rebuilt when either moved (optimizer steps,
+``load_state_dict``, ``.to()``); an edit through ``.data`` bypasses the version counter,
+so call :func:`pack_linears` again after one. The packed copies double the memory of the
+layers' weights while they live. Autograd, autocast, other dtypes and devices, FX,
+torch.compile and exports keep ``F.linear``.
 """
 from __future__ import annotations
 

@@ -242,8 +242,8 @@ def _run_eval(args):
     import torch
 
     from ...engine.distributed import cleanup, init_distributed
-    from .coco import CocoDetection, resolve_coco
     from ...ops.cpu_linear import pack_on_cpu
+    from .coco import CocoDetection, resolve_coco
     from .evaluate import check_classes, evaluate, load_model
     from .evaluation import format_table
     dist = init_distributed(args.device)
