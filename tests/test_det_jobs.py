@@ -120,14 +120,22 @@ def test_train_eval_predict_and_exact_resume(mosaics, tmp_path, capsys):
     assert len(res.getAnnIds()) == len(pred)
 
 
-def _cuda_run(mosaics, out, *extra):
-    """A short bf16 `det train` on the GPU; its logged training losses."""
-    cmd = [a for a in _train_cmd(mosaics, out, "--device", "cuda", "--amp", "bf16",
-                                 "--drop-path", "0", "--log-interval", "1", *extra)
-           if a != "--deterministic"]  # cuBLAS's deterministic mode needs an env setting
-    assert main(cmd) == 0
+def _cuda_cmd(mosaics, out, *extra):
+    """A short bf16 `det train` on the GPU, logging every step."""
+    return [a for a in _train_cmd(mosaics, out, "--device", "cuda", "--amp", "bf16",
+                                  "--drop-path", "0", "--log-interval", "1", *extra)
+            if a != "--deterministic"]  # cuBLAS's deterministic mode needs an env setting
+
+
+def _train_losses(out):
     return [r["train_loss"] for r in json.loads((out / "metrics.json").read_text())
             if "train_loss" in r]
+
+
+def _cuda_run(mosaics, out, *extra):
+    """`_cuda_cmd` in this process; its logged training losses."""
+    assert main(_cuda_cmd(mosaics, out, *extra)) == 0
+    return _train_losses(out)
 
 
 @needs_fmnist
@@ -168,13 +176,8 @@ def test_cuda_graphs_det_train_under_torchrun(mosaics, tmp_path):
     two-process job (first step to 1%, mean to 5%, as in one process); DINO's multi-scale
     batches all replay the one 64 x 64 canvas and its losses stay finite."""
     def run(out, *extra):
-        cmd = [a for a in _train_cmd(mosaics, out, "--device", "cuda", "--amp", "bf16",
-                                     "--drop-path", "0", "--log-interval", "1", *extra)
-               if a != "--deterministic"]
-        p = run_ok(torchrun(*cmd))
-        losses = [r["train_loss"] for r in json.loads((out / "metrics.json").read_text())
-                  if "train_loss" in r]
-        return losses, p.stdout + p.stderr
+        p = run_ok(torchrun(*_cuda_cmd(mosaics, out, *extra)))
+        return _train_losses(out), p.stdout + p.stderr
 
     ref, _ = run(tmp_path / "eager")
     got, log = run(tmp_path / "graphs", "--cuda-graphs")
