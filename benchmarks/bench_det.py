@@ -6,7 +6,7 @@ deformable encoder/decoder, denoising queries, Hungarian-matched losses).
 
     python benchmarks/bench_det.py --out benchmarks/results/det_h100.json
     python benchmarks/bench_det.py --arch dino-4scale --out benchmarks/results/dino_h100.json
-    python benchmarks/bench_det.py --modes eager graphs   # and as `det train --cuda-graphs`
+    python benchmarks/bench_det.py --modes eager graphs   # and as `det train/eval --cuda-graphs`
 
 Training: batch 2 at 1333x800 (the 1x recipe's per-GPU batch), 12 instances per
 image (with masks for Mask R-CNN), bf16 autocast, forward + backward + AdamW step.
@@ -90,18 +90,22 @@ def targets(n_img: int, h: int, w: int, n: int, device, gen, masks_too: bool = T
 
 def use_graphs(model, name: str, arch: str, h: int, w: int) -> None:
     """`det train --cuda-graphs`: training batches padded to the canvases, the backbone's
-    forward and backward replayed from one graph per canvas (a timm baseline's body too, so
-    that both models of a ratio run the same way)."""
-    from transnext.engine.cuda_graphs import GraphedForward
+    forward and backward replayed from one graph per canvas; `det eval --cuda-graphs`: its
+    inference forward from a graph per padded shape. A timm baseline's body too, so that
+    both models of a ratio run the same way."""
+    from transnext.engine.cuda_graphs import INFER_GRAPHS, GraphedForward
     canvases = train_canvases(min(h, w), max(h, w))
     use_canvases(model, canvases)
     n = len(canvases)
     if name.startswith("transnext"):
-        (model if arch.startswith("dino") else model.backbone).use_cuda_graphs(max_graphs=n)
+        holder = model if arch.startswith("dino") else model.backbone
+        holder.use_cuda_graphs(infer=True, max_graphs=n, max_infer_graphs=INFER_GRAPHS)
     elif arch.startswith("dino"):
-        model.backbone = GraphedForward(model.backbone, infer=False, max_graphs=n)
+        model.backbone = GraphedForward(model.backbone, max_graphs=n,
+                                        max_infer_graphs=INFER_GRAPHS)
     else:
-        model.backbone.body = GraphedForward(model.backbone.body, infer=False, max_graphs=n)
+        model.backbone.body = GraphedForward(model.backbone.body, max_graphs=n,
+                                             max_infer_graphs=INFER_GRAPHS)
 
 
 def bench(name, args, device, mode: str = "eager"):
@@ -142,8 +146,6 @@ def bench(name, args, device, mode: str = "eager"):
         res["train_reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30
     elif device == "cuda":
         res["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-    if mode == "graphs":  # training graphs only: inference is the eager row's
-        return res
     model.eval()
     one = [imgs[0]]
 
@@ -174,7 +176,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "graphs"],
-                   help="graphs: training as `det train --cuda-graphs` (CUDA only)")
+                   help="graphs: as `det train --cuda-graphs` and `det eval --cuda-graphs` "
+                        "(CUDA only)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if "graphs" in args.modes and args.device != "cuda":

@@ -139,25 +139,83 @@ def _cuda_run(mosaics, out, *extra):
 
 
 @needs_fmnist
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_inference_refuses_cuda_graphs_on_the_cpu_before_loading(command, mosaics, tmp_path,
+                                                                 capsys):
+    ck = tmp_path / "not_read.pth"
+    ck.write_bytes(b"")  # read only after the check
+    extra = (["--data-dir", str(mosaics)] if command == "eval"
+             else [str(mosaics / "val2017" / "00000.png"), "--output", str(tmp_path)])
+    rc = main(["det", command, "--checkpoint", str(ck), *extra, "--device", "cpu",
+               "--cuda-graphs"])
+    assert rc == 2
+    assert "--cuda-graphs needs a CUDA device (this run uses cpu)" in capsys.readouterr().err
+
+
+def _graphed_inference_follows_eager(ck, mosaics, tmp_path, capsys, monkeypatch):
+    """`det eval` and `det predict` with --cuda-graphs against eager, both running the
+    kernels a recording runs (LayerNorm, GLU): the same metrics and detections. Eval in
+    batches of 2 over 5 images: two padded shapes (2 and 1 images), two graphs in one pool."""
+    monkeypatch.setenv("TRANSNEXT_LAYER_NORM", "triton")
+    monkeypatch.setenv("TRANSNEXT_GLU", "triton")
+    run = {}
+    for mode, extra in (("eager", []), ("graphs", ["--cuda-graphs"])):
+        out = tmp_path / f"eval_{mode}"
+        assert main(["det", "eval", "--checkpoint", str(ck), "--data-dir", str(mosaics),
+                     "--batch-size", "2", "--workers", "0", "--device", "cuda", "--amp", "bf16",
+                     "--json", str(out.with_suffix(".json")), "--results", str(out),
+                     *extra]) == 0
+        printed = capsys.readouterr().out
+        imgs = [str(mosaics / "val2017" / f"0000{i}.png") for i in (0, 3)]
+        assert main(["det", "predict", *imgs, "--checkpoint", str(ck), "--device", "cuda",
+                     "--amp", "bf16", "--output", str(tmp_path / f"pred_{mode}"),
+                     "--score-thr", "0", *extra]) == 0
+        printed += capsys.readouterr().out
+        run[mode] = (json.loads(out.with_suffix(".json").read_text()),
+                     json.loads(Path(f"{out}.bbox.json").read_text()),
+                     json.loads((tmp_path / f"pred_{mode}" / "predictions.json").read_text()),
+                     printed)
+    (m0, d0, p0, _), (m1, d1, p1, printed) = run["eager"], run["graphs"]
+    assert ("CUDA graphs: 3 call(s) replayed, 0 run eagerly (other input shapes); "
+            "2 graph(s) recorded") in printed
+    assert ("CUDA graphs: 2 call(s) replayed, 0 run eagerly (other input shapes); "
+            "1 graph(s) recorded") in printed
+    for t in {"bbox", "segm"} & m0.keys():  # DINO: boxes only
+        for k in ("AP", "AP50", "AR@100"):
+            assert m1[t][k] == pytest.approx(m0[t][k], abs=0.5), (t, k)
+    for a, b in ((d0, d1), (p0, p1)):
+        assert a and abs(len(a) - len(b)) <= max(1, len(a) // 50)
+        for i in {e["image_id"] for e in a}:  # each image's best scores
+            sa = sorted((e["score"] for e in a if e["image_id"] == i), reverse=True)[:10]
+            sb = sorted((e["score"] for e in b if e["image_id"] == i), reverse=True)[:10]
+            assert sb == pytest.approx(sa, abs=1e-2), i
+
+
+@needs_fmnist
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphs_mask_rcnn_trains_like_eager(mosaics, tmp_path, caplog):
+def test_cuda_graphs_mask_rcnn_trains_like_eager(mosaics, tmp_path, caplog, capsys,
+                                                monkeypatch):
     """`det train --cuda-graphs`: every step's backbone replays a graph (the 64 px mosaics
     fit one canvas, the size their batches have anyway) and the losses follow eager's: the
     first two steps (the second after the graphed backward's update) to 1%, the run's mean to
     5%. Later steps are compared only through the mean: the RPN's and RoI heads' discrete
     choices (top-k, NMS, sampling) turn bf16 rounding differences into other proposals, and
-    two eager runs already differ by up to 6% at a step (H100)."""
+    two eager runs already differ by up to 6% at a step (H100). Then eval and predict of
+    the checkpoint with inference graphs against eager."""
     ref, got = graphs_follow_eager(lambda out, *extra: _cuda_run(mosaics, out, *extra),
                                    tmp_path, caplog, replays=8, steps=2)  # 2 epochs x 4 batches
     assert np.mean(got) == pytest.approx(np.mean(ref), rel=5e-2)
+    _graphed_inference_follows_eager(tmp_path / "graphs" / "last.pth", mosaics, tmp_path,
+                                     capsys, monkeypatch)
 
 
 @needs_fmnist
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphs_dino_replays_every_step(mosaics, tmp_path, caplog):
+def test_cuda_graphs_dino_replays_every_step(mosaics, tmp_path, caplog, capsys, monkeypatch):
     """DINO's multi-scale crops give batches of several sizes; with --max-size 64 every one
     fits the single 64 x 64 canvas, so all 8 steps replay the one graph. (Against eager the
-    padding differs, so the losses are only checked to be finite.)"""
+    padding differs, so the losses are only checked to be finite.) Then eval and predict
+    with inference graphs against eager."""
     import logging
     with caplog.at_level(logging.INFO, logger="transnext"):
         losses = _cuda_run(mosaics, tmp_path / "g", "--recipe", "dino-fmnist", "--max-size",
@@ -166,6 +224,8 @@ def test_cuda_graphs_dino_replays_every_step(mosaics, tmp_path, caplog):
     assert "training batches padded to 64x64" in caplog.text
     assert "CUDA graphs: 8 call(s) replayed, 0 run eagerly" in caplog.text
     assert len(losses) == 8 and all(np.isfinite(losses))
+    _graphed_inference_follows_eager(tmp_path / "g" / "last.pth", mosaics, tmp_path, capsys,
+                                     monkeypatch)
 
 
 @needs_fmnist

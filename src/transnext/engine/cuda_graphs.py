@@ -84,10 +84,14 @@ class GraphedForward(nn.Module):
     """``module(x)`` replayed from CUDA graphs: with ``train`` graphs for training (forward
     and backward), with ``infer`` graphs for inference (no autograd), one per input key
     (shape, strides, dtype, ``module.training``, autocast state) for the first
-    ``max_graphs`` keys met in each mode. Other inputs (a last, smaller batch), modes not
+    ``max_graphs`` keys met in training and ``max_infer_graphs`` (default: the same) in
+    inference. Other inputs (a last, smaller batch), modes not
     asked for, CPU tensors and torch.compile traces run ``module`` eagerly, which stays
-    correct alongside. Each graph keeps its own memory pool: detection training pads its
-    batches to two canvases (landscape, portrait) and asks for two.
+    correct alongside. Each training graph keeps its own memory pool: detection training
+    pads its batches to two canvases (landscape, portrait) and asks for two. Inference
+    graphs share one pool: a replay's outputs are copied before anything else runs, so a
+    graph may write over what another left (a val set's padded shapes, tens of graphs, in
+    about the memory of one).
 
     A training replay returns the graph's own buffers, overwritten by the next replay (a
     training loop is done with them by then); inference outputs are copies. Gradients
@@ -97,19 +101,25 @@ class GraphedForward(nn.Module):
     """
 
     def __init__(self, module: nn.Module, warmup: int = 3, train: bool = True,
-                 infer: bool = True, max_graphs: int = 1):
+                 infer: bool = True, max_graphs: int = 1,
+                 max_infer_graphs: int | None = None):
         super().__init__()
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (kernels compile and caches fill before "
                              f"the recording), got {warmup}")
-        if max_graphs < 1:
-            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        max_infer_graphs = max_graphs if max_infer_graphs is None else max_infer_graphs
+        for name, n in (("max_graphs", max_graphs), ("max_infer_graphs", max_infer_graphs)):
+            if n < 1:
+                raise ValueError(f"{name} must be >= 1, got {n}")
         self.module = module
         self.warmup = warmup
         self.max_graphs = max_graphs
+        self.max_infer_graphs = max_infer_graphs
         self._modes = (train, infer)  # not self.train: that is nn.Module's method
         self._train = {}  # key -> graphed module
         self._infer = {}  # key -> (graph, static input, static outputs)
+        self._pool = None  # the inference graphs' shared memory pool
+        self._side = None  # the stream their warm-up runs on
         self.replays = 0  # calls answered by a graph
         self.eager_calls = 0  # calls that did not match one (another batch shape)
 
@@ -132,7 +142,7 @@ class GraphedForward(nn.Module):
                 self.replays += 1
                 return self._train[key](x)
         else:
-            if key not in self._infer and len(self._infer) < self.max_graphs:
+            if key not in self._infer and len(self._infer) < self.max_infer_graphs:
                 self._infer[key] = self._record_inference(x)
             if key in self._infer:
                 graph, static_x, static_out = self._infer[key]
@@ -153,7 +163,9 @@ class GraphedForward(nn.Module):
 
     def _record_inference(self, x: Tensor):
         static_x = x.detach().clone()
-        side = torch.cuda.Stream()
+        if self._side is None:  # one stream: the allocator keeps its blocks per stream, so
+            self._side = torch.cuda.Stream()  # a new one per recording would cache anew
+        side = self._side
         side.wait_stream(torch.cuda.current_stream())
         with _uncached_autocast():
             with torch.cuda.stream(side):  # kernels compile, caches fill, cuDNN picks
@@ -161,7 +173,9 @@ class GraphedForward(nn.Module):
                     self.module(static_x)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode=_MODE):
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=_MODE):
                 static_out = self.module(static_x)
         return graph, static_x, static_out
 
@@ -187,14 +201,16 @@ class GraphedStages:
         raise NotImplementedError
 
     def use_cuda_graphs(self, on: bool = True, *, train: bool = True, infer: bool = False,
-                        max_graphs: int = 1) -> None:
+                        max_graphs: int = 1, max_infer_graphs: int | None = None) -> None:
         """Replay the TransNeXt's training forward and backward (``train``) and/or its
         inference forward (``infer``) from CUDA graphs, one per input shape for the first
-        ``max_graphs`` shapes (``GraphedForward``)."""
+        ``max_graphs`` (training) and ``max_infer_graphs`` (inference) shapes
+        (``GraphedForward``)."""
         body, indices = self._graph_body()
         # in a list, not a registered submodule: no second name for every weight
         self._graphed = ([GraphedForward(StageMaps(body, indices), train=train, infer=infer,
-                                         max_graphs=max_graphs)] if on else [])
+                                         max_graphs=max_graphs,
+                                         max_infer_graphs=max_infer_graphs)] if on else [])
 
     @property
     def graphed(self) -> GraphedForward | None:
@@ -208,6 +224,11 @@ class GraphedStages:
             return graphed(x)
         body, indices = self._graph_body()
         return body.forward_intermediates(x, indices=indices, intermediates_only=True)
+
+
+# Inference graphs the eval and predict jobs record at most (one per padded input shape;
+# a COCO val set resized to 800 x 1333 and padded to multiples of 32 has about 30).
+INFER_GRAPHS = 48
 
 
 def summary(graphed: GraphedForward) -> str:

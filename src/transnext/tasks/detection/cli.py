@@ -112,6 +112,7 @@ def add_parser(sub) -> None:
       help="write PREFIX.bbox.json and PREFIX.segm.json (COCO result format)")
     a("--json", default=None, type=output_file, metavar="PATH", help="write the metrics here")
     a("--no-verify", action="store_true")
+    _graphs_flag(a)
     e.set_defaults(func=_run_eval, check=_check_eval)
 
     pr = ss.add_parser("predict", help="draw detections on images, write COCO results")
@@ -127,6 +128,7 @@ def add_parser(sub) -> None:
     a("--device", type=device_name, default=None)
     a("--amp", default="none", choices=["bf16", "fp16", "none"])
     a("--threads", type=positive_int, default=None)
+    _graphs_flag(a)
     pr.set_defaults(func=_run_predict, check=_check_predict)
 
     c = ss.add_parser("convert", help="a released Mask R-CNN or DINO .pth -> safetensors + "
@@ -149,6 +151,25 @@ def add_parser(sub) -> None:
     a("--fashion-mnist-dir", default=None, type=existing_dir,
       help="idx files (default: Debian's location)")
     m.set_defaults(func=_run_mosaics)
+
+
+def _graphs_flag(a) -> None:
+    a("--cuda-graphs", action="store_true",
+      help="replay the TransNeXt's forward from CUDA graphs, one per padded batch shape (up "
+           "to 48, sharing one memory pool; other shapes run eagerly); FPN or channel "
+           "mapper and heads stay eager (GPU only)")
+
+
+def _graph_holder(model):
+    """What holds the TransNeXt's graphs: DINO itself, Mask R-CNN's backbone."""
+    from ...engine.cuda_graphs import GraphedStages
+    return model if isinstance(model, GraphedStages) else model.backbone
+
+
+def _graphs_line(model) -> str:
+    from ...engine.cuda_graphs import summary
+    graphed = _graph_holder(model).graphed
+    return f"{summary(graphed)}; {graphed.graphs} graph(s) recorded"
 
 
 MASKRCNN_ONLY = {"fpn_channels", "box_fc", "mask_channels", "anchor_scale", "rpn_batch",
@@ -241,6 +262,7 @@ def _run_train(args):
 def _run_eval(args):
     import torch
 
+    from ...engine.cuda_graphs import INFER_GRAPHS, check_cuda_graphs
     from ...engine.distributed import cleanup, init_distributed
     from ...ops.cpu_linear import pack_on_cpu
     from .coco import CocoDetection, resolve_coco
@@ -248,6 +270,8 @@ def _run_eval(args):
     from .evaluation import format_table
     dist = init_distributed(args.device)
     try:
+        if args.cuda_graphs:  # before reading anything
+            check_cuda_graphs(dist.device)
         if args.threads:
             torch.set_num_threads(args.threads)
         ann, imgs = resolve_coco(args.data_dir, "val", args.val_ann, args.val_images)
@@ -258,6 +282,9 @@ def _run_eval(args):
             ds.check_images(workers=max(2, args.workers))
         check_classes(model, ds, f"checkpoint {args.checkpoint}")
         pack_on_cpu(model.to(dist.device), dist.device)  # fp32 CPU products, packed weights
+        if args.cuda_graphs:
+            _graph_holder(model).use_cuda_graphs(train=False, infer=True,
+                                                 max_infer_graphs=INFER_GRAPHS)
         import time
         t0 = time.time()
         res, ev = evaluate(model, ds, dist.device, rank=dist.rank, world_size=dist.world_size,
@@ -269,6 +296,8 @@ def _run_eval(args):
                 print(ds.report.summary(), flush=True)
             print(format_table(res), flush=True)
             print(f"{len(ds)} images, {seconds:.1f}s", flush=True)
+            if args.cuda_graphs:  # rank 0's count
+                print(_graphs_line(model), flush=True)
             if args.results:
                 paths = ev.write_results(args.results)
                 print("wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
@@ -282,6 +311,7 @@ def _run_eval(args):
 
 
 def _run_predict(args):
+    from ...engine.cuda_graphs import INFER_GRAPHS, check_cuda_graphs
     from ...engine.distributed import resolve_device
     from ...ops.cpu_linear import pack_on_cpu
     from .evaluate import load_model
@@ -290,13 +320,20 @@ def _run_predict(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.cuda_graphs:  # before loading anything
+        check_cuda_graphs(device)
     model = load_model(args.checkpoint, args.model, **_size_overrides(args)).to(device)
     pack_on_cpu(model, device)  # fp32 CPU products from packed weights
+    if args.cuda_graphs:
+        _graph_holder(model).use_cuda_graphs(train=False, infer=True,
+                                             max_infer_graphs=INFER_GRAPHS)
     for r in predict_files(model, args.images, args.output, device, score_thr=args.score_thr,
                            amp=args.amp):
         dets = ", ".join(f"{n} {s:.2f}" for n, s in r["detections"]) or "nothing"
         print(f"{r['image']}: {r['output']} ({dets})", flush=True)
     print(f"wrote {Path(args.output) / 'predictions.json'}", flush=True)
+    if args.cuda_graphs:
+        print(_graphs_line(model), flush=True)
 
 
 def _run_convert(args):

@@ -36,8 +36,8 @@ def _infer_flags(a) -> None:
     a("--amp", default="none", choices=["bf16", "fp16", "none"])
     a("--threads", type=positive_int, default=None, help="CPU intra-op threads")
     a("--cuda-graphs", action="store_true",
-      help="replay the backbone's forward from a CUDA graph made for the first window (or "
-           "image) shape; other shapes run eagerly (GPU only)")
+      help="replay the backbone's forward from CUDA graphs, one per window (or image) "
+           "shape (up to 48, sharing one memory pool; other shapes run eagerly; GPU only)")
 
 
 def add_parser(sub) -> None:
@@ -171,8 +171,10 @@ def _load(args, device):
                        img_size=args.img_size or 512)
     if getattr(args, "fixed_pool_size", None):
         backbone_of(model).set_fixed_pool_size(args.fixed_pool_size)
-    if args.cuda_graphs:  # inference only: windows of one size are the usual case
-        backbone_of(model).use_cuda_graphs(train=False, infer=True)
+    if args.cuda_graphs:  # inference only
+        from ...engine.cuda_graphs import INFER_GRAPHS
+        backbone_of(model).use_cuda_graphs(train=False, infer=True,
+                                           max_infer_graphs=INFER_GRAPHS)
     from ...ops.cpu_linear import pack_on_cpu
     return pack_on_cpu(model.to(device), device)  # fp32 CPU products from packed weights
 
