@@ -11,6 +11,9 @@ deformable encoder/decoder, denoising queries, Hungarian-matched losses).
 Training: batch 2 at 1333x800 (the 1x recipe's per-GPU batch), 12 instances per
 image (with masks for Mask R-CNN), bf16 autocast, forward + backward + AdamW step.
 Inference: one 800x1333 image at a time (as mmdet tests), bf16, boxes (and pasted masks).
+``--infer-shapes N``: also N images of N sizes (800 x 1344, 800 x 1312, ... : N padded shapes,
+as a val set has), one pass timed whole (the graphs rows record a graph per size there) and
+a second pass (replays).
 """
 from __future__ import annotations
 
@@ -158,6 +161,18 @@ def bench(name, args, device, mode: str = "eager"):
         infer()
     s = timed(infer, args.iters, args.repeats, device)
     res.update(infer_ms_img=s * 1000, infer_img_s=1 / s)
+    if args.infer_shapes:
+        sizes = [(h, w - 32 * i) for i in range(args.infer_shapes)]
+        many = [torch.rand(3, a, b, generator=gen).to(device) for a, b in sizes]
+
+        @torch.no_grad()
+        def one_pass():
+            for im in many:
+                with torch.autocast(device, dtype=torch.bfloat16):
+                    model([im])
+
+        for name in ("first_pass", "second_pass"):  # the first records the graphs
+            res[f"{name}_ms_img"] = timed(one_pass, 1, 1, device) * 1000 / len(many)
     return res
 
 
@@ -178,6 +193,9 @@ def main():
     p.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "graphs"],
                    help="graphs: as `det train --cuda-graphs` and `det eval --cuda-graphs` "
                         "(CUDA only)")
+    p.add_argument("--infer-shapes", type=int, default=0, metavar="N",
+                   help="also time inference over N image sizes (N padded shapes), a first "
+                        "pass (graphs recorded) and a second")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if "graphs" in args.modes and args.device != "cuda":
@@ -201,7 +219,9 @@ def main():
                        ("train_peak_GiB", "train peak GiB", ".2f"),
                        ("train_reserved_GiB", "graphs: reserved GiB", ".2f"),
                        ("infer_ms_img", "infer ms/img", ".1f"),
-                       ("infer_ratio", "infer ratio", ".2f")]))
+                       ("infer_ratio", "infer ratio", ".2f"),
+                       ("first_pass_ms_img", "N sizes: 1st pass ms/img", ".1f"),
+                       ("second_pass_ms_img", "2nd pass ms/img", ".1f")]))
     if args.out:
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

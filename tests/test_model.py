@@ -183,6 +183,22 @@ def test_bias_cache_reused_and_invalidated():
     torch.testing.assert_close(infer(m, x), infer(other, x), rtol=0, atol=0)
 
 
+def test_bias_cache_keeps_the_most_used_size():
+    """A block keeps BIAS_CACHE_SIZE biases, the least recently used out: one size met
+    between four others (more than the cache holds) is never rebuilt."""
+    from transnext.models.transnext import BIAS_CACHE_SIZE
+    m = perturb(tiny(), 4)
+    attn = m.block3[0].attn
+    common = torch.randn(1, 3, 64, 48)
+    infer(m, common)
+    kept = next(iter(attn._bias_cache.values()))
+    for side in (32, 40, 56, 72, 80):
+        infer(m, torch.randn(1, 3, side, side))
+        infer(m, common)
+    assert len(attn._bias_cache) == BIAS_CACHE_SIZE == 4
+    assert any(v is kept for v in attn._bias_cache.values())
+
+
 def test_bias_not_cached_when_training_with_grad():
     m = perturb(tiny(), 3).train()
     x = torch.randn(2, 3, 40, 40)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from contextlib import nullcontext
 
 import torch
@@ -607,7 +608,7 @@ class _PositionBias(nn.Module):
         self.cpb_fc1 = nn.Linear(2, 512, bias=True)
         self.cpb_act = nn.ReLU(inplace=True)
         self.cpb_fc2 = nn.Linear(512, num_heads, bias=True)
-        self._bias_cache: dict = {}
+        self._bias_cache: OrderedDict = OrderedDict()  # least recently used first
 
     def _compute_bias(self, geo: StageGeometry, device, factored: bool):
         plan = geo.bias_plan(device)
@@ -630,12 +631,20 @@ class _PositionBias(nn.Module):
         if needs_grad or torch.compiler.is_compiling() or capturing():
             return self._compute_bias(geo, device, factored)
         key = (geo, str(device), factored, tuple((p.data_ptr(), p._version) for p in params))
-        bias = self._bias_cache.get(key)
+        cache = self._bias_cache
+        bias = cache.get(key)
         if bias is None:
-            if len(self._bias_cache) >= 4:
-                self._bias_cache.clear()
-            bias = self._bias_cache[key] = self._compute_bias(geo, device, factored)
+            # least recently used out: a val set's most common size stays while the others
+            # pass through (emptying the cache when full rebuilt it after every 4 others)
+            while len(cache) >= BIAS_CACHE_SIZE:
+                cache.popitem(last=False)
+            bias = cache[key] = self._compute_bias(geo, device, factored)
+        else:
+            cache.move_to_end(key)
         return bias
+
+
+BIAS_CACHE_SIZE = 4  # position biases each attention block keeps (sizes x weight versions)
 
 
 POOL_BIAS_FORMS = ("auto", "dense", "factored")
