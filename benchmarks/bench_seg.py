@@ -6,7 +6,8 @@ transformers UperNet head (512 channels, auxiliary head, 150 classes), one run.
 
 Training: batch 8 at 512x512, bf16 autocast, forward + backward + AdamW step.
 Inference: sliding window 512 / stride 341 on 512x683 images (2 windows each),
-batch 1 as mmseg, bf16. Median of --repeats windows of --iters steps (CUDA events).
+batch 1 as mmseg, bf16. ``--crop C`` scales all three (C, 2C/3, 4C/3; the tests' CPU run
+uses 128). Median of --repeats windows of --iters steps (CUDA events).
 ``--cuda-graphs``: each backbone's training forward and backward, and its inference
 forward, replayed from CUDA graphs (what ``transnext seg train --cuda-graphs`` and ``seg
 eval --cuda-graphs`` do for TransNeXt), the heads eager.
@@ -35,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, timed  # noqa: E402
 
 
-def make(name: str):
+def make(name: str, crop: int = 512):
     if name.startswith("transnext"):
-        return build_upernet(name, 150, pos_bias="interpolate", img_size=512)
+        return build_upernet(name, 150, pos_bias="interpolate", img_size=crop)
     cfg = UperNetConfig(backbone_config=TimmBackboneConfig(backbone=name, out_indices=[0, 1, 2, 3]),
                         num_labels=150, hidden_size=512, auxiliary_channels=256)
     return TransNeXtUperNet(cfg)
@@ -69,11 +70,12 @@ def bench(name, args, device):
     if device == "cuda":  # not the previous model's
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = make(name).to(device).to(memory_format=torch.channels_last)
+    model = make(name, args.crop).to(device).to(memory_format=torch.channels_last)
     res = {"model": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
     dt = torch.bfloat16
-    x = torch.randn(args.batch, 3, 512, 512, device=device).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 150, (args.batch, 512, 512), device=device)
+    c = args.crop
+    x = torch.randn(args.batch, 3, c, c, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 150, (args.batch, c, c), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=6e-5, fused=device == "cuda")
     net = torch.compile(model) if args.compile else model
     if args.cuda_graphs:
@@ -100,12 +102,12 @@ def bench(name, args, device):
         res["train_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     del opt
     model.eval()
-    img = torch.randn(1, 3, 512, 683, device=device)
+    img = torch.randn(1, 3, c, round(c * 4 / 3), device=device)
 
     @torch.no_grad()
     def infer():
         with torch.autocast(device, dtype=dt):
-            slide(net, img, 512, 341)
+            slide(net, img, c, c * 2 // 3)
 
     for _ in range(args.warmup):
         infer()
@@ -119,6 +121,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["transnext_tiny", "convnext_tiny"])
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--crop", type=int, default=512, help="training crop and sliding window")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
@@ -136,8 +139,10 @@ def main():
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "compile": args.compile, "cuda_graphs": args.cuda_graphs, "batch": args.batch,
+            "crop": args.crop,
             "settings": {k: v for k, v in os.environ.items() if k.startswith("TRANSNEXT_")}}
-    print(f"UperNet, {meta['device']}, torch {meta['torch']}, batch {args.batch} at 512x512, bf16"
+    print(f"UperNet, {meta['device']}, torch {meta['torch']}, batch {args.batch} at "
+          f"{args.crop}x{args.crop}, bf16"
           + (", backbones in CUDA graphs" if args.cuda_graphs else ""))
     print(table(rows, [("model", "backbone", "s"), ("train_ms_step", "train ms/step", ".1f"),
                        ("train_img_s", "train img/s", ".1f"), ("train_ratio", "train ratio", ".2f"),

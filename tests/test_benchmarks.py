@@ -67,21 +67,21 @@ def _runs(d: Path) -> dict[str, tuple[list[str], bool]]:
                          "--profile-rows", "5", "--kernel-tune", 'fwd={"num_stages": 3}'],
                         False),
         "det": (["benchmarks/bench_det.py", "--device", "cpu", *dense, *det,
-                 "--out", str(d / "det.json")], False),
+                 "--infer-shapes", "2", "--out", str(d / "det.json")], False),
         "dino": (["benchmarks/bench_det.py", "--device", "cpu", *dense, "--arch", "dino-4scale",
                   *det, "--queries", "20", "--out", str(d / "dino.json")], False),
         "seg": (["benchmarks/bench_seg.py", "--device", "cpu", *dense, "--batch", "2",
-                 "--out", str(d / "seg.json")], False),
+                 "--crop", "128", "--out", str(d / "seg.json")], False),
         "bias_forms": (["benchmarks/bench_bias_forms.py", "--device", "cpu", "--shapes",
                         "32x64:1:interpolate", "--iters", "1", "--repeats", "1",
                         "--out", str(d / "bias_forms.json")], True),
     }
 
 
-# the light runs, longest first (about 20 s down to 4 s of one core each); then the heavy
-LIGHT = ("profile", "bias_forms", "model_check", "det", "dino", "floor", "dense_graphs",
-         "dense", "model", "kernel_tune", "model_failing")
-HEAVY = ("seg",)  # UperNet at 512x512: several GB
+# the light runs, longest first (about 60 s down to 5 s of one core each); then the heavy
+LIGHT = ("model_check", "bias_forms", "profile", "det", "dino", "model", "floor",
+         "dense_graphs", "seg", "dense", "kernel_tune", "model_failing")
+HEAVY = ()  # none since the UperNet run's 128 crops (at 512: several GB, 84 s)
 
 
 def _interpreter_ok() -> bool:
@@ -313,6 +313,8 @@ def test_bench_det_and_seg_write_rows_and_ratios(bench):
         assert ratio > 0 and key and abs(ratio - rows[0][key] / rows[1][key]) < 1e-9
         line = next(x for x in stdout.splitlines() if x.startswith("| transnext_micro"))
         assert f"{ratio:.2f}" in line
+    for r in json.loads((bench.dir / "det.json").read_text())["rows"]:  # --infer-shapes 2
+        assert r["first_pass_ms_img"] > 0 and r["second_pass_ms_img"] > 0
 
 
 def test_bench_bias_forms_times_each_form(bench):
