@@ -78,7 +78,8 @@ def _runs(d: Path) -> dict[str, tuple[list[str], bool]]:
     }
 
 
-# the light runs, longest first (about 60 s down to 5 s of one core each); then the heavy
+# the light runs, two at a time, longest first (about 60 s down to 5 s of one core each);
+# then the heavy ones, alone
 LIGHT = ("model_check", "bias_forms", "profile", "det", "dino", "model", "floor",
          "dense_graphs", "seg", "dense", "kernel_tune", "model_failing")
 HEAVY = ()  # none since the UperNet run's 128 crops (at 512: several GB, 84 s)

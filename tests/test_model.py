@@ -185,7 +185,7 @@ def test_bias_cache_reused_and_invalidated():
 
 def test_bias_cache_keeps_the_most_used_size():
     """A block keeps BIAS_CACHE_SIZE biases, the least recently used out: one size met
-    between four others (more than the cache holds) is never rebuilt."""
+    between five others (more than the cache holds) is never rebuilt."""
     from transnext.models.transnext import BIAS_CACHE_SIZE
     m = perturb(tiny(), 4)
     attn = m.block3[0].attn

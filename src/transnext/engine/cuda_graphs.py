@@ -85,9 +85,8 @@ class GraphedForward(nn.Module):
     and backward), with ``infer`` graphs for inference (no autograd), one per input key
     (shape, strides, dtype, ``module.training``, autocast state) for the first
     ``max_graphs`` keys met in training and ``max_infer_graphs`` (default: the same) in
-    inference. Other inputs (a last, smaller batch), modes not
-    asked for, CPU tensors and torch.compile traces run ``module`` eagerly, which stays
-    correct alongside. Each training graph keeps its own memory pool: detection training
+    inference. Other inputs (a last, smaller batch), modes not asked for, CPU tensors and
+    torch.compile traces run ``module`` eagerly, which stays correct alongside. Each training graph keeps its own memory pool: detection training
     pads its batches to two canvases (landscape, portrait) and asks for two. Inference
     graphs share one pool: a replay's outputs are copied before anything else runs, so a
     graph may write over what another left (a val set's padded shapes, tens of graphs, in
@@ -227,7 +226,7 @@ class GraphedStages:
 
 
 # Inference graphs the eval and predict jobs record at most (one per padded input shape;
-# a COCO val set resized to 800 x 1333 and padded to multiples of 32 has about 30).
+# a COCO val set resized to 800 x 1333 and padded to multiples of 32 has a few dozen).
 INFER_GRAPHS = 48
 
 
