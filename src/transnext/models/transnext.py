@@ -363,12 +363,11 @@ def _run_linear(layer: nn.Linear, x: Tensor) -> Tensor:
     """``layer(x)``, through :func:`_linear` where that is the same call (a plain Linear,
     no hooks) and the bias-gradient kernel runs, or from oneDNN's packed weight where the
     model opted in (``ops.cpu_linear``); else the module (FX traces keep it)."""
-    if type(layer) is nn.Linear and not _hooked(layer):
-        if _bias_grad_kernel(x, layer.weight, layer.bias):
-            return _JointLinears.apply(x, (layer.weight.shape[0],), False, layer.weight,
-                                       layer.bias)[0]
-        return _module_linear(layer, x)
-    return layer(x)
+    if (type(layer) is nn.Linear and not _hooked(layer)
+            and _bias_grad_kernel(x, layer.weight, layer.bias)):
+        return _JointLinears.apply(x, (layer.weight.shape[0],), False, layer.weight,
+                                   layer.bias)[0]
+    return _module_linear(layer, x)
 
 
 def _module_linear(layer: nn.Linear, x: Tensor) -> Tensor:
