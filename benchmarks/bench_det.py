@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table, timed  # noqa: E402
 
-from transnext.tasks.detection.canvas import train_canvases, use_canvases  # noqa: E402
+from transnext.tasks.detection.canvas import (  # noqa: E402
+    graph_holder, train_canvases, use_canvases)
 from transnext.tasks.detection.dino import build_dino  # noqa: E402
 from transnext.tasks.detection.maskrcnn import build_maskrcnn, mmdet_init_  # noqa: E402
 
@@ -101,8 +102,8 @@ def use_graphs(model, name: str, arch: str, h: int, w: int) -> None:
     use_canvases(model, canvases)
     n = len(canvases)
     if name.startswith("transnext"):
-        holder = model if arch.startswith("dino") else model.backbone
-        holder.use_cuda_graphs(infer=True, max_graphs=n, max_infer_graphs=INFER_GRAPHS)
+        graph_holder(model).use_cuda_graphs(infer=True, max_graphs=n,
+                                            max_infer_graphs=INFER_GRAPHS)
     elif arch.startswith("dino"):
         model.backbone = GraphedForward(model.backbone, max_graphs=n,
                                         max_infer_graphs=INFER_GRAPHS)

@@ -105,3 +105,18 @@ def test_mask_rcnn_train_step_on_a_canvas():
     assert seen == [(2, 3, 96, 128)]
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
+
+
+def test_graph_holder_is_where_the_transnext_graphs_live():
+    """DINO holds its TransNeXt's graphs itself, Mask R-CNN in its backbone (the FPN
+    module): what `det train/eval/predict --cuda-graphs` switch on."""
+    from test_det_dino import small_dino
+    from transnext.tasks.detection.canvas import graph_holder
+    from transnext.tasks.detection.maskrcnn import build_maskrcnn
+    dino = small_dino()
+    mrcnn = build_maskrcnn("transnext_micro", 3, min_size=64, max_size=96, img_size=64,
+                           fpn_channels=32, box_fc=64, mask_channels=16)
+    for net, holder in ((dino, dino), (mrcnn, mrcnn.backbone)):
+        assert graph_holder(net) is holder
+        holder.use_cuda_graphs(train=False, infer=True, max_infer_graphs=5)
+        assert holder.graphed.max_infer_graphs == 5

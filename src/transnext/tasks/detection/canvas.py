@@ -49,6 +49,13 @@ def pad_to(images: list[Tensor], size: tuple[int, int]) -> Tensor:
     return batch
 
 
+def graph_holder(model: torch.nn.Module):
+    """What holds a detector's TransNeXt graphs (``use_cuda_graphs``, ``graphed``): DINO
+    itself, Mask R-CNN's backbone."""
+    from ...engine.cuda_graphs import GraphedStages
+    return model if isinstance(model, GraphedStages) else model.backbone
+
+
 def use_canvases(model: torch.nn.Module, canvases: list[tuple[int, int]]) -> None:
     """Pad ``model``'s training batches (a TransNeXtMaskRCNN or TransNeXtDINO) to
     ``canvases``; evaluation keeps the usual padding."""

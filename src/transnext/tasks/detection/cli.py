@@ -160,15 +160,17 @@ def _graphs_flag(a) -> None:
            "mapper and heads stay eager (GPU only)")
 
 
-def _graph_holder(model):
-    """What holds the TransNeXt's graphs: DINO itself, Mask R-CNN's backbone."""
-    from ...engine.cuda_graphs import GraphedStages
-    return model if isinstance(model, GraphedStages) else model.backbone
+def _infer_graphs(model) -> None:
+    """--cuda-graphs of eval and predict: the TransNeXt's inference graphs."""
+    from ...engine.cuda_graphs import INFER_GRAPHS
+    from .canvas import graph_holder
+    graph_holder(model).use_cuda_graphs(train=False, infer=True, max_infer_graphs=INFER_GRAPHS)
 
 
 def _graphs_line(model) -> str:
     from ...engine.cuda_graphs import summary
-    graphed = _graph_holder(model).graphed
+    from .canvas import graph_holder
+    graphed = graph_holder(model).graphed
     return f"{summary(graphed)}; {graphed.graphs} graph(s) recorded"
 
 
@@ -262,7 +264,7 @@ def _run_train(args):
 def _run_eval(args):
     import torch
 
-    from ...engine.cuda_graphs import INFER_GRAPHS, check_cuda_graphs
+    from ...engine.cuda_graphs import check_cuda_graphs
     from ...engine.distributed import cleanup, init_distributed
     from ...ops.cpu_linear import pack_on_cpu
     from .coco import CocoDetection, resolve_coco
@@ -283,8 +285,7 @@ def _run_eval(args):
         check_classes(model, ds, f"checkpoint {args.checkpoint}")
         pack_on_cpu(model.to(dist.device), dist.device)  # fp32 CPU products, packed weights
         if args.cuda_graphs:
-            _graph_holder(model).use_cuda_graphs(train=False, infer=True,
-                                                 max_infer_graphs=INFER_GRAPHS)
+            _infer_graphs(model)
         import time
         t0 = time.time()
         res, ev = evaluate(model, ds, dist.device, rank=dist.rank, world_size=dist.world_size,
@@ -311,7 +312,7 @@ def _run_eval(args):
 
 
 def _run_predict(args):
-    from ...engine.cuda_graphs import INFER_GRAPHS, check_cuda_graphs
+    from ...engine.cuda_graphs import check_cuda_graphs
     from ...engine.distributed import resolve_device
     from ...ops.cpu_linear import pack_on_cpu
     from .evaluate import load_model
@@ -325,8 +326,7 @@ def _run_predict(args):
     model = load_model(args.checkpoint, args.model, **_size_overrides(args)).to(device)
     pack_on_cpu(model, device)  # fp32 CPU products from packed weights
     if args.cuda_graphs:
-        _graph_holder(model).use_cuda_graphs(train=False, infer=True,
-                                             max_infer_graphs=INFER_GRAPHS)
+        _infer_graphs(model)
     for r in predict_files(model, args.images, args.output, device, score_thr=args.score_thr,
                            amp=args.amp):
         dets = ", ".join(f"{n} {s:.2f}" for n, s in r["detections"]) or "nothing"

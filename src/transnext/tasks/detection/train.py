@@ -27,7 +27,7 @@ from ..common.checkpoints import backward_and_step, closing_loop, save_last_and_
 from ..common.released import read_any, released_kind, state_dict_of
 from ..common.schedule import TimeBudget, warmup_factor
 from . import recipes
-from .canvas import train_canvases, use_canvases
+from .canvas import graph_holder, train_canvases, use_canvases
 from .coco import CocoDetection, RandomHorizontalFlip, collate, resolve_coco
 from .convert import load_maskrcnn_state
 from .evaluate import (CONFIG_KEY, _other_kind, build_from_config, describe_config, evaluate,
@@ -278,7 +278,7 @@ def _train(args, dist) -> dict:
         canvases = train_canvases(args.ms_scales if is_dino(args.arch) else args.min_size,
                                   args.max_size)
         use_canvases(model, canvases)
-        holder = model if is_dino(args.arch) else model.backbone
+        holder = graph_holder(model)
         holder.use_cuda_graphs(max_graphs=len(canvases))
         if main:
             log.info("CUDA graphs of the backbone; training batches padded to %s",
