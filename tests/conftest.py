@@ -111,17 +111,22 @@ def mosaics(tmp_path_factory):
     return root
 
 
-def graphs_follow_eager(run, tmp_path, caplog, replays: int, steps: int | None = None):
+def graphs_follow_eager(run, tmp_path, caplog, replays: int, steps: int | None = None,
+                        evals: int | None = None):
     """``run(out, *extra)`` (a training job, returning its logged losses) eagerly and with
     ``--cuda-graphs``: every step replayed, none eager, and the same losses to 1% (the first
-    ``steps`` of them, where later ones depend on discrete choices). Returns both lists."""
+    ``steps`` of them, where later ones depend on discrete choices). ``evals``: the
+    validation forwards the dense jobs replay from inference graphs. Returns both lists."""
     import logging
 
     import pytest
     ref = run(tmp_path / "eager")
     with caplog.at_level(logging.INFO, logger="transnext"):
         got = run(tmp_path / "graphs", "--cuda-graphs")
-    assert f"CUDA graphs: {replays} call(s) replayed, 0 run eagerly" in caplog.text
+    line = f"CUDA graphs: {replays} call(s) replayed, 0 run eagerly"
+    if evals is not None:
+        line += f" in training; {evals} replayed, 0 eagerly in evaluation"
+    assert line in caplog.text
     assert len(got) == len(ref)
     assert got[:steps] == pytest.approx(ref[:steps], rel=1e-2)
     return ref, got

@@ -123,7 +123,9 @@ def test_a_table_read_by_a_recording_survives_the_cache_clear(monkeypatch):
     def table(n):
         return torch.arange(n)
 
+    # a cache of its own: clearing the process's would drop what earlier tests' graphs pinned
     monkeypatch.setattr(tables, "_PINNED", set())
+    monkeypatch.setattr(tables, "_CACHE", {})
     monkeypatch.setattr(tables, "capturing", lambda: True)  # a recording reads it
     pinned = tables.cached(table, 10_001)
     monkeypatch.setattr(tables, "capturing", lambda: False)
@@ -251,6 +253,9 @@ def test_inference_graphs_of_several_shapes_share_one_pool(kernels_as_recorded):
 
     refs = [run(m, x) for x in xs]
     torch.cuda.synchronize()
+    # a recording starts by emptying the allocator's cache: empty it first, so that what
+    # earlier tests left cached is not counted as freed by the graphs
+    torch.cuda.empty_cache()
     base = torch.cuda.memory_reserved()
     first = run(net, xs[0])
     one = torch.cuda.memory_reserved() - base
@@ -309,7 +314,8 @@ def test_train_job_with_cuda_graphs(tiny_folder, tmp_path, caplog):
                      "cuda", "--amp", "bf16", "--drop-path", "0", *extra]) == 0
         return [r["train_loss"] for r in json.loads((out / "metrics.json").read_text())]
 
-    graphs_follow_eager(run, tmp_path, caplog, replays=6)  # 24 images, batches of 8, 2 epochs
+    # 24 images, batches of 8, 2 epochs; each epoch's validation: 9 images, batches of 8 and 1
+    graphs_follow_eager(run, tmp_path, caplog, replays=6, evals=4)
 
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")

@@ -189,6 +189,7 @@ def _graphed_inference_follows_eager(ck, mosaics, tmp_path, capsys, monkeypatch)
             sa = sorted((e["score"] for e in a if e["image_id"] == i), reverse=True)[:10]
             sb = sorted((e["score"] for e in b if e["image_id"] == i), reverse=True)[:10]
             assert sb == pytest.approx(sa, abs=1e-2), i
+    return m0
 
 
 @needs_fmnist
@@ -200,13 +201,20 @@ def test_cuda_graphs_mask_rcnn_trains_like_eager(mosaics, tmp_path, caplog, caps
     first two steps (the second after the graphed backward's update) to 1%, the run's mean to
     5%. Later steps are compared only through the mean: the RPN's and RoI heads' discrete
     choices (top-k, NMS, sampling) turn bf16 rounding differences into other proposals, and
-    two eager runs already differ by up to 6% at a step (H100). Then eval and predict of
-    the checkpoint with inference graphs against eager."""
+    two eager runs already differ by up to 6% at a step (H100). The validation at the end
+    (one batch of 5) replays an inference graph, and its metrics are those of an eager `det
+    eval` of the checkpoint. Then eval and predict of the checkpoint with
+    inference graphs against eager."""
     ref, got = graphs_follow_eager(lambda out, *extra: _cuda_run(mosaics, out, *extra),
-                                   tmp_path, caplog, replays=8, steps=2)  # 2 epochs x 4 batches
+                                   tmp_path, caplog, replays=8, steps=2,  # 2 epochs x 4 batches
+                                   evals=1)
     assert np.mean(got) == pytest.approx(np.mean(ref), rel=5e-2)
-    _graphed_inference_follows_eager(tmp_path / "graphs" / "last.pth", mosaics, tmp_path,
-                                     capsys, monkeypatch)
+    val = json.loads((tmp_path / "graphs" / "metrics.json").read_text())[-1]
+    eager = _graphed_inference_follows_eager(tmp_path / "graphs" / "last.pth", mosaics,
+                                             tmp_path, capsys, monkeypatch)
+    for t in ("bbox", "segm"):
+        for k in ("AP", "AP50"):
+            assert val[f"val_{t}_{k}"] == pytest.approx(eager[t][k], abs=0.5), (t, k)
 
 
 @needs_fmnist
@@ -222,7 +230,9 @@ def test_cuda_graphs_dino_replays_every_step(mosaics, tmp_path, caplog, capsys, 
                            "64", "--num-queries", "40", "--dn-queries", "10", "--detections",
                            "40", "--cuda-graphs")  # 85 encoder tokens at 64 x 64
     assert "training batches padded to 64x64" in caplog.text
-    assert "CUDA graphs: 8 call(s) replayed, 0 run eagerly" in caplog.text
+    # the one validation (at the end: 5 images, one batch) replays an inference graph
+    assert ("CUDA graphs: 8 call(s) replayed, 0 run eagerly in training; 1 replayed, 0 "
+            "eagerly in evaluation") in caplog.text
     assert len(losses) == 8 and all(np.isfinite(losses))
     _graphed_inference_follows_eager(tmp_path / "g" / "last.pth", mosaics, tmp_path, capsys,
                                      monkeypatch)

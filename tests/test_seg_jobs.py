@@ -253,18 +253,39 @@ def test_compile_blocks_trains_the_same_weights(mosaics, tmp_path, monkeypatch):
 
 @needs_fmnist
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphs_train_like_eager(mosaics, tmp_path, caplog):
+def test_cuda_graphs_train_like_eager(mosaics, tmp_path, caplog, capsys, monkeypatch):
     """`seg train --cuda-graphs`: the backbone's step replays CUDA graphs from the second
-    iteration on (the first records them) and the losses follow the eager run's."""
+    iteration on (the first records them) and the losses follow the eager run's. The two
+    validations (7 images in batches of 4: two shapes) replay inference graphs, and the
+    last one's mIoU is an eager `seg eval`'s of the checkpoint, as is `seg eval
+    --cuda-graphs`'s."""
     def run(out, *extra):
-        cmd = [a for a in _train_cmd(mosaics, out, "--iters", "4", "--eval-interval", "1000",
+        cmd = [a for a in _train_cmd(mosaics, out, "--iters", "4", "--ckpt-interval", "2",
+                                     "--eval-interval", "2",
                                      "--device", "cuda", "--amp", "bf16", "--drop-path", "0",
                                      *extra)
                if a != "--deterministic"]  # cuBLAS's deterministic mode needs an env setting
         assert main(cmd) == 0
-        return [r["train_loss"] for r in json.loads((out / "metrics.json").read_text())]
+        return [r["train_loss"] for r in json.loads((out / "metrics.json").read_text())
+                if "train_loss" in r]
 
-    graphs_follow_eager(run, tmp_path, caplog, replays=4)
+    graphs_follow_eager(run, tmp_path, caplog, replays=4, evals=4)
+    val = json.loads((tmp_path / "graphs" / "metrics.json").read_text())[-1]["val_mIoU"]
+    monkeypatch.setenv("TRANSNEXT_LAYER_NORM", "triton")  # the kernels a recording runs
+    monkeypatch.setenv("TRANSNEXT_GLU", "triton")
+    capsys.readouterr()
+    got = {}
+    for mode, extra in (("eager", []), ("graphs", ["--cuda-graphs"])):
+        js = tmp_path / f"{mode}.json"
+        assert main(["seg", "eval", "--checkpoint", str(tmp_path / "graphs" / "last.pth"),
+                     "--data-dir", str(mosaics), "--batch-size", "4", "--workers", "0",
+                     "--device", "cuda", "--amp", "bf16", "--json", str(js), *extra]) == 0
+        got[mode] = json.loads(js.read_text())["mIoU"]
+    assert ("CUDA graphs: 2 call(s) replayed, 0 run eagerly (other input shapes); "
+            "2 graph(s) recorded") in capsys.readouterr().out
+    # percent: a pixel that flips between bf16 runs moves a small class's IoU a little
+    assert val == pytest.approx(got["eager"], abs=0.5)
+    assert got["graphs"] == pytest.approx(got["eager"], abs=0.5)
 
 
 @needs_fmnist

@@ -119,12 +119,20 @@ class GraphedForward(nn.Module):
         self._infer = {}  # key -> (graph, static input, static outputs)
         self._pool = None  # the inference graphs' shared memory pool
         self._side = None  # the stream their warm-up runs on
-        self.replays = 0  # calls answered by a graph
-        self.eager_calls = 0  # calls that did not match one (another batch shape)
+        # per mode: [calls answered by a graph, calls that matched none (another shape)]
+        self.counts = {"train": [0, 0], "infer": [0, 0]}
 
     @property
     def graphs(self) -> int:
         return len(self._train) + len(self._infer)
+
+    @property
+    def replays(self) -> int:
+        return self.counts["train"][0] + self.counts["infer"][0]
+
+    @property
+    def eager_calls(self) -> int:
+        return self.counts["train"][1] + self.counts["infer"][1]
 
     def forward(self, x):
         if not (isinstance(x, Tensor) and x.is_cuda) or torch.compiler.is_compiling():
@@ -134,11 +142,12 @@ class GraphedForward(nn.Module):
             return self.module(x)  # a mode not asked for: not counted as a miss
         # the module's own flag: a wrapper kept outside the module tree is not switched
         key = _key(x, self.module.training)
+        count = self.counts["train" if grad else "infer"]
         if grad:
             if key not in self._train and len(self._train) < self.max_graphs:
                 self._train[key] = self._record_training(x)
             if key in self._train:
-                self.replays += 1
+                count[0] += 1
                 return self._train[key](x)
         else:
             if key not in self._infer and len(self._infer) < self.max_infer_graphs:
@@ -147,10 +156,10 @@ class GraphedForward(nn.Module):
                 graph, static_x, static_out = self._infer[key]
                 static_x.copy_(x)
                 graph.replay()
-                self.replays += 1
+                count[0] += 1
                 return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t,
                                        static_out)
-        self.eager_calls += 1
+        count[1] += 1
         return self.module(x)
 
     def _record_training(self, x: Tensor) -> nn.Module:
@@ -231,9 +240,17 @@ INFER_GRAPHS = 48
 
 
 def summary(graphed: GraphedForward) -> str:
-    """One line for the jobs' log."""
-    return (f"CUDA graphs: {graphed.replays} call(s) replayed, {graphed.eager_calls} run "
-            f"eagerly (other input shapes)")
+    """One line for the jobs' log: calls replayed and run eagerly, per mode where both
+    are graphed (a training job's steps, then its validation's forwards)."""
+    train, infer = graphed._modes
+    (tr, te), (ir, ie) = graphed.counts["train"], graphed.counts["infer"]
+    if train and infer:
+        line = (f"{tr} call(s) replayed, {te} run eagerly in training; {ir} replayed, {ie} "
+                f"eagerly in evaluation")
+    else:
+        line = f"{tr} call(s) replayed, {te} run eagerly" if train else (
+            f"{ir} call(s) replayed, {ie} run eagerly")
+    return f"CUDA graphs: {line} (other input shapes); {graphed.graphs} graph(s) recorded"
 
 
 def check_cuda_graphs(device: torch.device, accum_steps: int = 1,

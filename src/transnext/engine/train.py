@@ -184,11 +184,12 @@ def _train(args, dist) -> dict:
             log.info("resumed from %s at epoch %d (step %d)", args.resume, start_epoch, step)
         del resume_obj
 
-    net, average = model, None
+    net, average, val_net = model, None, model
     compile_mode = getattr(args, "compile_mode", None)
     if getattr(args, "cuda_graphs", False):
-        # the eager step is host-bound (docs/dense_speed.md); graphs replay it without the host
-        net = GraphedForward(model, infer=False)
+        # the eager step is host-bound (docs/dense_speed.md); graphs replay it without the host.
+        # Validation too: a graph for its full batches and one for the last, smaller one
+        net = val_net = GraphedForward(model, max_infer_graphs=2)
         if dist.distributed:  # not DDP: the recording must not meet DDP's hooks
             average = GradientAverager(model)
     elif args.compile or compile_mode:
@@ -243,7 +244,8 @@ def _train(args, dist) -> dict:
             row = {"epoch": epoch, "step": step, **{f"train_{k}": v for k, v in tr.items()}}
             if val_loader is not None and ((epoch + 1) % args.eval_interval == 0
                                            or epoch + 1 == args.epochs):
-                ev = evaluate(model, val_loader, device, amp=args.amp, progress=main and args.progress,
+                ev = evaluate(val_net, val_loader, device, amp=args.amp,
+                              progress=main and args.progress,
                               desc=f"eval {epoch}")
                 row.update({f"val_{k}": v for k, v in ev.items()})
                 if ema is not None:

@@ -170,8 +170,7 @@ def _infer_graphs(model) -> None:
 def _graphs_line(model) -> str:
     from ...engine.cuda_graphs import summary
     from .canvas import graph_holder
-    graphed = graph_holder(model).graphed
-    return f"{summary(graphed)}; {graphed.graphs} graph(s) recorded"
+    return summary(graph_holder(model).graphed)
 
 
 MASKRCNN_ONLY = {"fpn_channels", "box_fc", "mask_channels", "anchor_scale", "rpn_batch",

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ...engine import checkpointing as ckpt
-from ...engine.cuda_graphs import check_cuda_graphs, summary as graph_summary
+from ...engine.cuda_graphs import INFER_GRAPHS, check_cuda_graphs, summary as graph_summary
 from ...engine.distributed import GradientAverager, all_reduce_sum, cleanup, init_distributed
 from ...engine.errors import UserError
 from ...engine.evaluate import autocast
@@ -279,7 +279,10 @@ def _train(args, dist) -> dict:
                                   args.max_size)
         use_canvases(model, canvases)
         holder = graph_holder(model)
-        holder.use_cuda_graphs(max_graphs=len(canvases))
+        # validation keeps eval's padding (a canvas would change its numbers): one inference
+        # graph per padded shape, as `det eval --cuda-graphs`
+        holder.use_cuda_graphs(max_graphs=len(canvases), infer=True,
+                               max_infer_graphs=INFER_GRAPHS)
         if main:
             log.info("CUDA graphs of the backbone; training batches padded to %s",
                      " or ".join(f"{h}x{w}" for h, w in canvases))

@@ -212,6 +212,8 @@ def _run_eval(args):
                        progress=dist.is_main and sys.stderr.isatty(), **kw)
         if dist.is_main:
             print(format_table(res), flush=True)
+            if args.cuda_graphs:  # rank 0's count
+                print(_graphs_line(model), flush=True)
             if args.json:
                 from pathlib import Path
                 Path(args.json).write_text(json.dumps({**res, "inference": kw, "images": len(ds)},
@@ -229,6 +231,14 @@ def _run_predict(args):
     for r in predict_files(model, args.images, args.output, device, class_names=names,
                            amp=args.amp, **_infer_kwargs(args, model)):
         print(f"{r['image']}: {r['overlay']} ({', '.join(r['classes'])})", flush=True)
+    if args.cuda_graphs:
+        print(_graphs_line(model), flush=True)
+
+
+def _graphs_line(model) -> str:
+    from ...engine.cuda_graphs import summary
+    from .evaluate import backbone_of
+    return summary(backbone_of(model).graphed)
 
 
 def _run_convert(args):

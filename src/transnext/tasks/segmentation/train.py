@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...engine import checkpointing as ckpt
-from ...engine.cuda_graphs import check_cuda_graphs, summary as graph_summary
+from ...engine.cuda_graphs import INFER_GRAPHS, check_cuda_graphs, summary as graph_summary
 from ...engine.distributed import GradientAverager, all_reduce_sum, cleanup, init_distributed
 from ...engine.errors import UserError
 from ...engine.evaluate import autocast
@@ -243,7 +243,8 @@ def _train(args, dist) -> dict:
         del resume_obj
     net, graphs, sync = model, args.compile_mode == "reduce-overhead", None
     if getattr(args, "cuda_graphs", False):  # the backbone: the heads' losses sync the host
-        backbone_of(model).use_cuda_graphs()
+        # validation too: one inference graph per window batch shape, as `seg eval`
+        backbone_of(model).use_cuda_graphs(infer=True, max_infer_graphs=INFER_GRAPHS)
         if dist.distributed:  # not DDP: the recording must not meet DDP's hooks
             sync = GradientAverager(model)
     elif args.compile or args.compile_mode:
