@@ -23,13 +23,14 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timm  # noqa: E402
+from common import timed  # noqa: E402
 
 import transnext  # noqa: E402,F401  (registers the models)
 
@@ -46,26 +47,6 @@ def _make(name: str, size: int, device: str) -> torch.nn.Module:
     if device == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def _timed(step, device: str, iters: int, repeats: int) -> float:
-    """Median seconds per step."""
-    samples = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                step()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / 1000 / iters)
-        else:
-            t = time.perf_counter()
-            for _ in range(iters):
-                step()
-            samples.append((time.perf_counter() - t) / iters)
-    return statistics.median(samples)
 
 
 def _prepare(name: str, size: int, batch: int, mode: str, compiled: bool, device: str,
@@ -129,7 +110,7 @@ def bench_one(name: str, size: int, batch: int, mode: str, compiled: bool, devic
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    sec = _timed(step, device, iters, repeats)
+    sec = timed(step, iters, repeats, device)
     peak = reserved = None
     if device == "cuda":
         # Allocated peak of the timed steps; under CUDA graphs (reduce-overhead) the graphs'
@@ -165,7 +146,7 @@ def bench_interleaved(variants, size: int, batch: int, mode: str, compiled: bool
     samples = {k: [] for k in steps}
     for _ in range(repeats):
         for k, step in steps.items():
-            samples[k].append(_timed(step, "cpu", iters, 1))
+            samples[k].append(timed(step, iters, 1, "cpu"))
     for (name, linears), sec in samples.items():
         rows[(name, linears)] = _row(name, size, batch, mode, compiled, compile_mode, linears,
                                      statistics.median(sec))
