@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timm  # noqa: E402
 
 import transnext  # noqa: E402,F401  (registers the models)
-from bench_model import _timed  # noqa: E402
+from common import timed  # noqa: E402
 from transnext.engine.cuda_graphs import GraphedForward  # noqa: E402
 from transnext.engine.models import compile_model  # noqa: E402
 
@@ -169,7 +169,7 @@ def _bench_row(name, variant, H, W, batch, mode, compiled, compile_mode, device,
     warmup_s = time.perf_counter() - t0
     if device == "cuda" and compiled != "graphs":  # a graph's memory is taken when recorded
         torch.cuda.reset_peak_memory_stats()
-    sec = _timed(step, device, iters, repeats)
+    sec = timed(step, iters, repeats, device)
     extra = _step_costs(step, device, iters) if costs else {}
     peak = reserved = None
     if device == "cuda":
